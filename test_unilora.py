@@ -48,14 +48,20 @@ class Tiny(nn.Module):
 def dense_P(adapter):
     """P written entry by entry from the paper's definition: one nonzero per row, s_i / sqrt(n_j)."""
     c = adapter.config
-    idx, sign = make_projection(c["D"], c["d"], c["seed"], c["signs"])
+    column, sign = columns_and_signs(c)
     counts = [0] * c["d"]
-    for j in idx.tolist():
+    for j in column.tolist():
         counts[j] += 1
     P = torch.zeros(c["D"], c["d"], dtype=torch.float64)
-    for i, j in enumerate(idx.tolist()):
-        P[i, j] = (1 if sign is None else int(sign[i])) / math.sqrt(counts[j])
+    for i, j in enumerate(column.tolist()):
+        P[i, j] = int(sign[i]) / math.sqrt(counts[j])
     return P
+
+
+def columns_and_signs(config):
+    """Unfold the signed index: row i has its nonzero in column idx_i mod d, negative iff idx_i >= d."""
+    idx = make_projection(config["D"], config["d"], config["seed"], config["signs"]).long()
+    return idx % config["d"], 1 - 2 * (idx >= config["d"]).long()
 
 
 def layer_rows(adapter):
@@ -114,16 +120,16 @@ def test_layer_slices_are_A_then_B_in_model_order():
 
 @pytest.mark.parametrize("D,d", [(1000, 7), (1000, 1000), (997, 100), (12, 5), (5, 1)])
 def test_assignment_is_balanced_and_uses_every_column(D, d):
-    idx, _ = make_projection(D, d, seed=1)
-    counts = torch.bincount(idx.long(), minlength=d)
+    column, _ = columns_and_signs({"D": D, "d": d, "seed": 1, "signs": True})
+    counts = torch.bincount(column, minlength=d)
     assert counts.min() >= D // d and counts.max() <= -(-D // d)
     assert (counts > 0).all() and counts.sum() == D
 
 
 def test_scale_columns_matches_the_counts():
     for D, d in [(1000, 7), (997, 100), (64, 64)]:
-        idx, _ = make_projection(D, d, seed=0)
-        counts = torch.bincount(idx.long(), minlength=d).double()
+        column, _ = columns_and_signs({"D": D, "d": d, "seed": 0, "signs": True})
+        counts = torch.bincount(column, minlength=d).double()
         theta = torch.randn(d, dtype=torch.float64)
         assert torch.allclose(unilora.scale_columns(theta, D), theta / counts.sqrt(), atol=1e-15)
 
@@ -133,14 +139,16 @@ def test_projection_is_global_every_layer_spans_all_of_theta_d():
     d = 200
     adapter = apply_unilora(model, d)
     for name, m in adapter.layers():
-        hist = torch.bincount(m.idx.long() * 8 // d, minlength=8)
+        hist = torch.bincount(m.idx.long() % d * 8 // d, minlength=8)
         assert (hist > 0).all(), f"{name} draws on only part of theta_d: {hist.tolist()}"
 
 
 def test_signs_are_balanced_plus_minus_one():
-    _, sign = make_projection(20000, 100, seed=0)
+    _, sign = columns_and_signs({"D": 20000, "d": 100, "seed": 0, "signs": True})
     assert set(sign.unique().tolist()) == {-1, 1}
     assert abs(sign.float().mean().item()) < 0.03
+    _, sign = columns_and_signs({"D": 20000, "d": 100, "seed": 0, "signs": False})
+    assert (sign == 1).all()
 
 
 def test_same_seed_same_P_other_seed_other_P():
@@ -148,10 +156,8 @@ def test_same_seed_same_P_other_seed_other_P():
     b = apply_unilora(Tiny(), 50, seed=7).config["fingerprint"]
     c = apply_unilora(Tiny(), 50, seed=8).config["fingerprint"]
     assert a == b != c
-    i1, s1 = make_projection(500, 40, seed=7)
-    i2, s2 = make_projection(500, 40, seed=7)
-    i3, _ = make_projection(500, 40, seed=8)
-    assert torch.equal(i1, i2) and torch.equal(s1, s2) and not torch.equal(i1, i3)
+    assert torch.equal(make_projection(500, 40, seed=7), make_projection(500, 40, seed=7))
+    assert not torch.equal(make_projection(500, 40, seed=7), make_projection(500, 40, seed=8))
 
 
 @pytest.mark.parametrize("signs", [True, False])
@@ -184,11 +190,11 @@ def test_one_sgd_step_moves_each_entry_by_the_signed_group_mean(signs):
     moved = adapter.project().detach() - before
 
     c = adapter.config
-    idx, sign = make_projection(c["D"], c["d"], c["seed"], c["signs"])
-    s = torch.ones(c["D"], dtype=torch.float64) if sign is None else sign.double()
+    column, sign = columns_and_signs(c)
+    s = sign.double()
     expected = torch.empty_like(moved)
     for j in range(c["d"]):
-        group = (idx == j).nonzero().flatten()
+        group = (column == j).nonzero().flatten()
         expected[group] = -lr * s[group] * (s[group] * g_full[group]).mean()
     assert torch.allclose(moved, expected, atol=1e-12)
 
@@ -426,8 +432,7 @@ def test_a_P_from_another_rng_is_caught(tmp_path, monkeypatch):
     real = unilora.make_projection
 
     def other_rng(D, d, seed=0, signs=True):
-        idx, sign = real(D, d, seed, signs)
-        return idx.roll(1), sign  # same sizes and counts, different P
+        return real(D, d, seed, signs).roll(1)  # same sizes and counts, a different P
 
     monkeypatch.setattr(unilora, "make_projection", other_rng)
     with pytest.raises(ValueError, match="random number generator changed"):
