@@ -358,8 +358,9 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
     first = model.get_submodule(names[0]).weight
     # fp32 next to a 16-bit base (optimizer state needs it), fp64 next to an fp64 base (exact tests).
     dtype = torch.promote_types(torch.float32, first.dtype)
-    theta = torch.empty(d, dtype=torch.float64).uniform_(-init_bound, init_bound,
-                                                         generator=torch.Generator().manual_seed(seed + 1))
+    # Drawn on the CPU like P, so the same seed gives the same start everywhere; seed + 1 keeps the two streams apart.
+    generator = torch.Generator().manual_seed(seed + 1)
+    theta = torch.empty(d, dtype=torch.float64).uniform_(-init_bound, init_bound, generator=generator)
     theta_d = nn.Parameter(theta.to(first.device, dtype))
     offset = 0
     for name, n_in, n_out in shapes:
