@@ -1,0 +1,666 @@
+"""Tests for pretrained.py: offline and tiny, checked against independent references.
+
+The references are written here from the formats' and models' definitions, not captured from the code under
+test: a hand-rolled safetensors writer/parser (struct + json + numpy), float64 BERT/RoBERTa/Llama forwards with
+explicit loops and softmax, greedy decoding by full recomputation, and a local HTTP server with Range support.
+(Equality with `transformers` itself is checked outside the project, since it may not be a dependency.)
+"""
+import http.server
+import io
+import json
+import math
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import pretrained as P
+
+torch.set_num_threads(1)
+
+# ------------------------------------------------------------------------------------ safetensors by hand
+
+NP = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: take the bit pattern
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def safetensors_bytes(tensors: dict, dtype_names=None, metadata=None) -> bytes:
+    """A safetensors file assembled from the spec: u64 header length, JSON header, concatenated data."""
+    names = dtype_names or {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, data = {}, b""
+    if metadata:
+        header["__metadata__"] = metadata
+    for k, t in tensors.items():
+        b = raw_bytes(t)
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(b)]}
+        data += b
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def write_by_hand(path, tensors: dict, **kw):
+    path.write_bytes(safetensors_bytes(tensors, **kw))
+
+
+def parse_by_hand(path):
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    out = {}
+    for k, info in header.items():
+        b = blob[8 + n + info["data_offsets"][0]: 8 + n + info["data_offsets"][1]]
+        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
+            a = (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = np.frombuffer(b, NP[info["dtype"]])
+        out[k] = (info["dtype"], a.reshape(info["shape"]))
+    return out, meta, n
+
+
+def test_reader_reads_a_hand_written_file(tmp_path):
+    vals = [1.5, -2.0, 0.15625, 3.0e-3, 1024.0, -0.5]  # all exactly representable in bf16 except 3e-3
+    f32 = torch.tensor(vals).reshape(2, 3)
+    write_by_hand(tmp_path / "a.safetensors", {"w": f32, "h": f32.half(), "b": f32.bfloat16(),
+                                               "i": torch.arange(4), "s": torch.tensor(7.0)})
+    sd = P.load_safetensors(tmp_path / "a.safetensors")
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()} == {
+        "w": (torch.float32, (2, 3)), "h": (torch.float16, (2, 3)), "b": (torch.bfloat16, (2, 3)),
+        "i": (torch.int64, (4,)), "s": (torch.float32, ())}
+    assert sd["w"].flatten().tolist() == [np.float32(v) for v in vals]
+    assert sd["h"].flatten().tolist() == [float(np.float16(v)) for v in vals]
+    b = sd["b"].flatten().tolist()
+    assert b[:3] + b[4:] == [1.5, -2.0, 0.15625, 1024.0, -0.5]
+    assert abs(sd["b"].flatten()[3].item() - 3e-3) < 3e-3 / 128  # bf16 keeps 8 significant bits
+    assert sd["i"].tolist() == [0, 1, 2, 3] and sd["s"].item() == 7.0
+
+
+def test_writer_output_parsed_by_hand(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.f32": torch.randn(3, 4, generator=g), "a.f16": torch.randn(5, generator=g).half(),
+               "m.bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "t": torch.randn(4, 3, generator=g).T}
+    P.save_safetensors(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    parsed, meta, n = parse_by_hand(tmp_path / "w.safetensors")
+    assert meta == {"format": "pt"} and (8 + n) % 8 == 0  # data 8-byte aligned, like the reference writer
+    assert {k: d for k, (d, _) in parsed.items()} == {"z.f32": "F32", "a.f16": "F16", "m.bf16": "BF16", "t": "F32"}
+    for k, t in tensors.items():
+        np.testing.assert_array_equal(parsed[k][1], t.float().numpy())
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # the temp file was renamed, none left over
+
+
+def test_round_trip_keeps_dtype_shape_and_values(tmp_path):
+    tensors = {"x": torch.randn(2, 3).bfloat16(), "y": torch.randn(7).half(), "e": torch.zeros(0, 5),
+               "s": torch.tensor(2.5), "i": torch.tensor([[1, -2], [3, 4]])}
+    P.save_safetensors(tensors, tmp_path / "r.safetensors")
+    back = P.load_safetensors(tmp_path / "r.safetensors")
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+
+
+def test_unsupported_dtype_is_a_clear_error(tmp_path):
+    write_by_hand(tmp_path / "f8.safetensors", {"w": torch.zeros(4, dtype=torch.uint8)},
+                  dtype_names={torch.uint8: "F8_E4M3"})
+    with pytest.raises(ValueError, match=r"'w' has dtype F8_E4M3.*supports only F32, F16, BF16"):
+        P.load_safetensors(tmp_path / "f8.safetensors")
+    with pytest.raises(ValueError, match="complex64"):
+        P.save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    write_by_hand(tmp_path / "t.safetensors", {"w": torch.ones(100)})
+    blob = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(blob[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        P.load_safetensors(tmp_path / "t.safetensors")
+
+
+def test_load_state_dict_reads_every_checkpoint_format(tmp_path):
+    sd = {"a.weight": torch.randn(3, 2), "b.weight": torch.randn(4).half(), "c.bias": torch.randn(2).bfloat16()}
+    (tmp_path / "single").mkdir()
+    write_by_hand(tmp_path / "single/model.safetensors", sd)
+    (tmp_path / "sharded").mkdir()
+    write_by_hand(tmp_path / "sharded/model-00001-of-00002.safetensors", {"a.weight": sd["a.weight"]})
+    write_by_hand(tmp_path / "sharded/model-00002-of-00002.safetensors", {k: sd[k] for k in ("b.weight", "c.bias")})
+    (tmp_path / "sharded/model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors",
+        "c.bias": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "bin").mkdir()
+    torch.save(sd, tmp_path / "bin/pytorch_model.bin")
+    for folder in ("single", "sharded", "bin"):
+        got = P.load_state_dict(tmp_path / folder)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        P.load_state_dict(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        P.load_config(tmp_path / "empty")
+
+# ------------------------------------------------------------------------------------ encoder
+
+
+BERT = dict(model_type="bert", vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=24, max_position_embeddings=24, type_vocab_size=2, layer_norm_eps=1e-12,
+            hidden_act="gelu", pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+ROBERTA = dict(BERT, model_type="roberta", type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
+
+
+def encoder_weights(c, pooler=True, seed=0):
+    """Random weights under Hugging Face's BertModel names, spelled out here independently of pretrained.py."""
+    g = torch.Generator().manual_seed(seed)
+    H, inner = c["hidden_size"], c["intermediate_size"]
+    rnd = lambda *s: torch.randn(*s, generator=g) * (s[-1] ** -0.5 if len(s) == 2 else 0.3)  # noqa: E731
+    sd = {"embeddings.word_embeddings.weight": torch.randn(c["vocab_size"], H, generator=g),
+          "embeddings.position_embeddings.weight": torch.randn(c["max_position_embeddings"], H, generator=g),
+          "embeddings.token_type_embeddings.weight": torch.randn(c["type_vocab_size"], H, generator=g),
+          "embeddings.LayerNorm.weight": 1 + rnd(H), "embeddings.LayerNorm.bias": rnd(H)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        shapes = {"attention.self.query": (H, H), "attention.self.key": (H, H), "attention.self.value": (H, H),
+                  "attention.output.dense": (H, H), "intermediate.dense": (inner, H), "output.dense": (H, inner)}
+        for name, (o, n) in shapes.items():
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = rnd(o, n), rnd(o)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + rnd(H), rnd(H)
+    if pooler:
+        sd["pooler.dense.weight"], sd["pooler.dense.bias"] = rnd(H, H), rnd(H)
+    return sd
+
+
+def encoder_reference(sd, c, ids, mask, types=None):
+    """float64 BERT/RoBERTa with explicit softmax and per-row position counting."""
+    w = {k: v.double() for k, v in sd.items()}
+    B, T = ids.shape
+    H, nh, eps = c["hidden_size"], c["num_attention_heads"], c["layer_norm_eps"]
+    d = H // nh
+    if c["model_type"] == "roberta":  # real tokens numbered pad+1, pad+2, ...; pads get pad itself
+        pad = c["pad_token_id"]
+        pos = torch.tensor([[pad + sum(1 for t in row[:j + 1] if t != pad) if row[j] != pad else pad
+                             for j in range(T)] for row in ids.tolist()])
+    else:
+        pos = torch.arange(T).repeat(B, 1)
+    types = torch.zeros_like(ids) if types is None else types
+
+    def ln(x, name):
+        mu = x.mean(-1, keepdim=True)
+        x = (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
+        return x * w[name + ".weight"] + w[name + ".bias"]
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    x = ln(w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][types]
+           + w["embeddings.position_embeddings.weight"][pos], "embeddings.LayerNorm")
+    for i in range(c["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        q, k, v = (lin(x, p + "attention.self." + n).view(B, T, nh, d) for n in ("query", "key", "value"))
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+        s = s.masked_fill(mask[:, None, None, :] == 0, -math.inf)
+        a = torch.exp(s - s.amax(-1, keepdim=True))
+        y = torch.einsum("bhqk,bkhd->bqhd", a / a.sum(-1, keepdim=True), v).reshape(B, T, H)
+        x = ln(x + lin(y, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        h = lin(x, p + "intermediate.dense")
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+        x = ln(x + lin(h, p + "output.dense"), p + "output.LayerNorm")
+    return x
+
+
+def save_model(folder, config, sd, fmt="safetensors"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if fmt == "safetensors":
+        write_by_hand(folder / "model.safetensors", sd)
+    else:
+        torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_bert_matches_float64_reference_with_padding_and_token_types(tmp_path):
+    sd = encoder_weights(BERT)
+    model = P.Encoder.from_pretrained(save_model(tmp_path / "bert", BERT, sd))
+    ids = torch.tensor([[2, 7, 9, 11, 3, 5, 8], [2, 4, 6, 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0]])
+    out = model(ids, mask, types)
+    ref = encoder_reference(sd, BERT, ids, mask, types)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()].float(), atol=1e-5, rtol=0)
+    w = {k: v.double() for k, v in sd.items()}
+    pooled = torch.tanh(ref[:, 0] @ w["pooler.dense.weight"].T + w["pooler.dense.bias"])
+    torch.testing.assert_close(model.pooler(out), pooled.float(), atol=1e-5, rtol=0)
+    assert not model.training  # from_pretrained returns eval mode (dropout off), as transformers does
+
+
+def test_roberta_position_ids_and_padding(tmp_path):
+    sd = encoder_weights(ROBERTA, pooler=False)
+    model = P.Encoder.from_pretrained(save_model(tmp_path / "roberta", ROBERTA, sd))
+    assert model.pooler is None
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 9, 2, 1, 1]])
+    assert model.position_ids(ids).tolist() == [[2, 3, 4, 5, 6], [2, 3, 4, 1, 1]]
+    mask = (ids != 1).long()
+    out = model(ids, mask)
+    ref = encoder_reference(sd, ROBERTA, ids, mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :3], model(ids[1:, :3])[0], atol=1e-5, rtol=0)  # padding changes nothing
+
+
+def test_prefixed_checkpoints_with_heads_and_legacy_names(tmp_path):
+    sd = encoder_weights(ROBERTA, pooler=False)
+    plain = P.Encoder.from_pretrained(save_model(tmp_path / "plain", ROBERTA, sd))
+    mlm = {"roberta." + k: v for k, v in sd.items()}
+    mlm.update({"lm_head.dense.weight": torch.randn(16, 16), "lm_head.bias": torch.randn(40),
+                "roberta.embeddings.position_ids": torch.arange(24)[None]})  # a head and a harmless buffer
+    prefixed = P.Encoder.from_pretrained(save_model(tmp_path / "mlm", ROBERTA, mlm))
+    assert prefixed.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.tensor([[0, 4, 5, 2]])
+    torch.testing.assert_close(prefixed(ids), plain(ids), atol=0, rtol=0)
+    bsd = encoder_weights(BERT)  # old BERT .bin: 'bert.' prefix, LayerNorm gamma/beta
+    old = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in bsd.items()}
+    model = P.Encoder.from_pretrained(save_model(tmp_path / "old", BERT, old, fmt="bin"))
+    torch.testing.assert_close(model(ids), encoder_reference(bsd, BERT, ids, torch.ones_like(ids)).float(),
+                               atol=1e-5, rtol=0)
+
+
+def test_hugging_face_names_and_strict_loading(tmp_path):
+    sd = encoder_weights(BERT)
+    names = {n for n, _ in P.Encoder.from_pretrained(save_model(tmp_path / "ok", BERT, sd)).named_modules()}
+    assert {"embeddings.word_embeddings", "encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense",
+            "encoder.layer.0.attention.output.dense", "encoder.layer.0.intermediate.dense", "pooler.dense"} <= names
+    missing = {k: v for k, v in sd.items() if k != "encoder.layer.1.attention.self.key.bias"}
+    with pytest.raises(ValueError, match=r"missing keys \['encoder.layer.1.attention.self.key.bias'\]"):
+        P.Encoder.from_pretrained(save_model(tmp_path / "missing", BERT, missing))
+    extra = dict(sd, **{"encoder.layer.0.adapter.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['encoder.layer.0.adapter.weight'\]"):
+        P.Encoder.from_pretrained(save_model(tmp_path / "extra", BERT, extra))
+    with pytest.raises(ValueError, match="model_type 'distilbert' is not supported"):
+        P.Encoder.from_pretrained(save_model(tmp_path / "distil", dict(BERT, model_type="distilbert"), sd))
+
+# ------------------------------------------------------------------------------------ decoder
+
+
+LLAMA = dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+             max_position_embeddings=64, hidden_act="silu", tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+DECODERS = {
+    "llama-gqa-untied": LLAMA,
+    "qwen2-bias-tied": dict(LLAMA, model_type="qwen2", tie_word_embeddings=True, num_key_value_heads=1),
+    "llama-bias-mha-llama3-rope": dict(
+        LLAMA, num_key_value_heads=4, attention_bias=True, mlp_bias=True, rope_theta=500.0,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                      "original_max_position_embeddings": 16}),
+    "mistral-window-3": dict(LLAMA, model_type="mistral", sliding_window=3),
+}
+
+
+def decoder_weights(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, inner, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = H // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    biased = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} if c["model_type"] == "qwen2" else set()
+    if c.get("attention_bias"):
+        biased |= {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    if c.get("mlp_bias"):
+        biased |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    rnd = lambda *s: torch.randn(*s, generator=g) * (s[-1] ** -0.5 if len(s) == 2 else 0.3)  # noqa: E731
+    sd = {"model.embed_tokens.weight": torch.randn(V, H, generator=g), "model.norm.weight": 1 + rnd(H)}
+    if not c["tie_word_embeddings"]:
+        sd["lm_head.weight"] = rnd(V, H)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+                  "self_attn.o_proj": (H, q), "mlp.gate_proj": (inner, H), "mlp.up_proj": (inner, H),
+                  "mlp.down_proj": (H, inner)}
+        for name, shape in shapes.items():
+            sd[p + name + ".weight"] = rnd(*shape)
+            if name in biased:
+                sd[p + name + ".bias"] = rnd(shape[0])
+        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = 1 + rnd(H), 1 + rnd(H)
+    return sd
+
+
+def inv_freq_reference(c, hd):
+    inv = [c["rope_theta"] ** (-2 * i / hd) for i in range(hd // 2)]
+    s = c.get("rope_scaling")
+    if s:  # Llama 3's piecewise rule, by wavelength
+        old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        out = []
+        for f in inv:
+            wl = 2 * math.pi / f
+            if wl < old / hi:  # short wavelengths: unchanged
+                out.append(f)
+            elif wl > old / lo:  # long wavelengths: slowed by factor
+                out.append(f / s["factor"])
+            else:  # in between: interpolate
+                t = (old / wl - lo) / (hi - lo)
+                out.append((1 - t) * f / s["factor"] + t * f)
+        inv = out
+    return torch.tensor(inv, dtype=torch.float64)
+
+
+def decoder_reference(sd, c, ids, mask=None):
+    """float64 Llama-family forward: every (query, key) pair is allowed or not by explicit rules."""
+    w = {k: v.double() for k, v in sd.items()}
+    B, T = ids.shape
+    mask = torch.ones_like(ids) if mask is None else mask
+    nh, nkv, H = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+    hd = H // nh
+    inv = inv_freq_reference(c, hd)
+    pos = torch.tensor([[sum(row[:j]) for j in range(T)] for row in mask.tolist()], dtype=torch.float64)
+
+    def rope(x):  # x (B, T, heads, hd): pair j with j + hd/2, angle = position * inv[j]
+        ang = pos[:, :, None, None] * inv
+        a, b = x[..., :hd // 2], x[..., hd // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+
+    def norm(x, name):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"]) * w[name]
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + (w[name + ".bias"] if name + ".bias" in w else 0)
+
+    allowed = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for q in range(T):
+            for k in range(q + 1):
+                allowed[b, q, k] = bool(mask[b, k]) and (not c.get("sliding_window") or q - k < c["sliding_window"])
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, p + "input_layernorm.weight")
+        q = rope(lin(h, p + "self_attn.q_proj").view(B, T, nh, hd))
+        k = rope(lin(h, p + "self_attn.k_proj").view(B, T, nkv, hd))
+        v = lin(h, p + "self_attn.v_proj").view(B, T, nkv, hd)
+        kv_of = [j * nkv // nh for j in range(nh)]  # query head j reads key/value head j // (nh / nkv)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k[:, :, kv_of]) / math.sqrt(hd)
+        s = s.masked_fill(~allowed[:, None], -math.inf)
+        a = torch.exp(s - s.amax(-1, keepdim=True))
+        a = torch.nan_to_num(a / a.sum(-1, keepdim=True))  # rows of padding queries attend to nothing
+        y = torch.einsum("bhqk,bkhd->bqhd", a, v[:, :, kv_of]).reshape(B, T, H)
+        x = x + lin(y, p + "self_attn.o_proj")
+        h = norm(x, p + "post_attention_layernorm.weight")
+        g = lin(h, p + "mlp.gate_proj")
+        x = x + lin(g / (1 + torch.exp(-g)) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+    head = w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
+    return norm(x, "model.norm.weight") @ head.T
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    out = {}
+    for name, c in DECODERS.items():
+        sd = decoder_weights(c)
+        out[name] = (P.CausalLM.from_pretrained(save_model(tmp_path_factory.mktemp(name), c, sd)), sd, c)
+    return out
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_causal_lm_matches_float64_reference(decoders, name):
+    model, sd, c = decoders[name]
+    ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8, 17], [0, 0, 0, 11, 3, 44, 6, 9, 10]])
+    mask = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
+    out = model(ids, mask)
+    ref = decoder_reference(sd, c, ids, mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()].float(), atol=2e-5, rtol=0)
+    if c["tie_word_embeddings"]:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_kv_cache_decoding_equals_uncached(decoders):
+    for model, _, _ in decoders.values():
+        ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8], [0, 0, 12, 11, 3, 44, 6, 9]])
+        mask = (torch.arange(8) >= torch.tensor([[0], [2]])).long()
+        full = model(ids, mask)
+        cache = P.KVCache()
+        steps = [model(ids[:, :4], mask[:, :4], cache)]  # a prefill, then one token at a time
+        for t in range(4, 8):
+            steps.append(model(ids[:, t:t + 1], mask[:, :t + 1], cache))
+        assert len(cache) == 8
+        torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+
+
+def greedy_reference(sd, c, prompt, n, eos=None):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(decoder_reference(sd, c, torch.tensor([ids]))[0, -1].argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+def test_left_padded_batch_generation_equals_per_row(decoders):
+    model, sd, c = decoders["llama-gqa-untied"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3], [40, 41, 42, 43]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    batch = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    assert batch.shape == (3, 6)
+    for row, p in zip(batch.tolist(), prompts, strict=True):
+        assert row == model.generate(torch.tensor([p]), max_new_tokens=6, eos_token_id=[])[0].tolist()
+        assert row == greedy_reference(sd, c, p, 6)  # and greedy by full float64 recomputation
+
+
+def test_generation_stops_at_eos_per_row(decoders):
+    model, sd, c = decoders["qwen2-bias-tied"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3, 8]]
+    ids = torch.tensor([p if len(p) == 5 else [0, 0] + p for p in prompts])
+    mask = (ids != 0).long()
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, 2])  # make row 0's third token the EOS
+    got = model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    expected = []
+    for p in prompts:
+        row = greedy_reference(sd, c, p, 8, eos=eos)
+        expected.append(row + [c["pad_token_id"]] * (8 - len(row)))  # finished rows are padded
+    width = max(len(greedy_reference(sd, c, p, 8, eos=eos)) for p in prompts)
+    assert got.tolist() == [r[:width] for r in expected] and got.shape[1] == width
+    alone = model.generate(ids[:1], mask[:1], max_new_tokens=8, eos_token_id=eos)
+    assert alone.tolist() == [greedy_reference(sd, c, prompts[0], 8, eos=eos)] and alone.shape[1] <= 3  # stops early
+
+
+def test_decoder_names_dtypes_and_config_errors(tmp_path, decoders):
+    model = decoders["llama-gqa-untied"][0]
+    names = {n for n, _ in model.named_modules()}
+    assert {"model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+            "model.layers.0.input_layernorm", "model.norm", "lm_head"} <= names
+    c, sd = DECODERS["llama-gqa-untied"], decoders["llama-gqa-untied"][1]
+    folder = save_model(tmp_path / "bf16", c, sd)
+    half = P.CausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[5, 9, 13, 7]])
+    assert (half(ids).float() - model(ids)).abs().max() < 0.25  # bf16 runs and stays close
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        yarn = dict(c, rope_scaling={"type": "yarn", "factor": 2.0})
+        P.CausalLM.from_pretrained(save_model(tmp_path / "yarn", yarn, sd))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        P.CausalLM.from_pretrained(save_model(tmp_path / "gpt2", dict(c, model_type="gpt2"), sd))
+    with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):  # untied needs its own head
+        headless = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        P.CausalLM.from_pretrained(save_model(tmp_path / "nohead", c, headless))
+
+# ------------------------------------------------------------------------------------ hub
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files by path, honours 'Range: bytes=N-', can break off a response once (server.truncate)."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        if self.path in srv.gated and self.headers.get("Authorization") != "Bearer secret":
+            return self.send_error(401)
+        body = srv.files.get(self.path)
+        if body is None:
+            return self.send_error(404)
+        start, rng = 0, self.headers.get("Range")
+        if rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                return self.send_error(416)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path in srv.truncate:  # promise the whole file, send half, hang up
+            srv.truncate.discard(self.path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    server.files, server.log, server.truncate, server.gated = {}, [], set(), set()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_CACHE", "HF_TOKEN", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    server.stop = lambda: (server.shutdown(), server.server_close())
+    yield server
+    if thread.is_alive():
+        server.stop()
+
+
+def test_download_resumes_and_is_atomic(hub, tmp_path):
+    body = bytes(range(256)) * 40
+    hub.files["/data/a.bin"] = body
+    dest = P.download(hub.url + "/data/a.bin", tmp_path / "d/a.bin")
+    assert dest.read_bytes() == body and hub.log[-1][1] is None
+    # a partial file from an earlier run: only the rest is requested
+    (tmp_path / "d/b.bin.incomplete").write_bytes(body[:1000])
+    hub.files["/data/b.bin"] = body
+    assert P.download(hub.url + "/data/b.bin", tmp_path / "d/b.bin").read_bytes() == body
+    assert hub.log[-1][1] == "bytes=1000-"
+    # the connection breaks mid-file: a clear error, the partial kept, the next call resumes where it stopped
+    hub.files["/data/c.bin"] = body
+    hub.truncate.add("/data/c.bin")
+    with pytest.raises(ConnectionError, match="run again to resume"):
+        P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin")
+    assert not (tmp_path / "d/c.bin").exists() and (tmp_path / "d/c.bin.incomplete").stat().st_size == len(body) // 2
+    assert P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin").read_bytes() == body
+    assert hub.log[-1][1] == f"bytes={len(body) // 2}-"
+    n = len(hub.log)
+    P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin")  # already there: no request at all
+    assert len(hub.log) == n
+    with pytest.raises(Exception) as e:
+        P.download(hub.url + "/data/missing.bin", tmp_path / "d/missing.bin")
+    assert getattr(e.value, "code", None) == 404 and not (tmp_path / "d/missing.bin").exists()
+
+
+def tiny_bert_repo(hub, repo, weights="safetensors"):
+    """Put a tiny BERT repo on the fake hub with its weights in one of the three formats."""
+    sd = encoder_weights(BERT)
+    base = f"/{repo}/resolve/main/"
+    hub.files[base + "config.json"] = json.dumps(BERT).encode()
+    hub.files[base + "tokenizer.json"] = b"{}"
+    if weights == "safetensors":
+        hub.files[base + "model.safetensors"] = safetensors_bytes(sd)
+    elif weights == "sharded":
+        names = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+        for shard, keys in shards.items():
+            hub.files[base + shard] = safetensors_bytes({k: sd[k] for k in keys})
+        hub.files[base + "model.safetensors.index.json"] = json.dumps(
+            {"weight_map": {k: s for s, keys in shards.items() for k in keys}}).encode()
+    else:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        hub.files[base + "pytorch_model.bin"] = buf.getvalue()
+    return sd
+
+
+def test_resolve_downloads_then_works_offline(hub, tmp_path):
+    sd = tiny_bert_repo(hub, "org/tiny-bert")
+    folder = P.resolve("org/tiny-bert")
+    assert folder == tmp_path / "hf/unilora/org--tiny-bert/main"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", ".complete"}
+    requested = [path for path, _, _ in hub.log]
+    assert requested[0].endswith("/config.json") and "/org/tiny-bert/resolve/main/generation_config.json" in requested
+    hub.stop()  # offline from here on: the cache must be enough
+    model = P.Encoder.from_pretrained("org/tiny-bert")
+    ids = torch.tensor([[2, 7, 9, 3]])
+    ref = encoder_reference(sd, BERT, ids, torch.ones_like(ids))
+    torch.testing.assert_close(model(ids), ref.float(), atol=1e-5, rtol=0)
+    assert P.resolve("org/tiny-bert", files=["config.json"]) == folder
+    assert P.resolve(str(folder)) == folder  # a local folder is used as is
+
+
+@pytest.mark.parametrize("weights, expected",
+                         [("sharded", "model-00002-of-00002.safetensors"), ("bin", "pytorch_model.bin")])
+def test_resolve_falls_back_to_other_weight_formats(hub, weights, expected):
+    sd = tiny_bert_repo(hub, "org/other", weights)
+    folder = P.resolve("org/other")
+    assert (folder / expected).is_file() and not (folder / "model.safetensors").exists()
+    assert P.load_state_dict(folder).keys() == sd.keys()
+
+
+def test_resolve_errors_name_the_problem_and_the_fix(hub, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"org/nope/resolve/main/config.json: not found \(404\)"):
+        P.resolve("org/nope")
+    tiny_bert_repo(hub, "org/gated")
+    hub.gated.add("/org/gated/resolve/main/config.json")
+    with pytest.raises(PermissionError, match="HF_TOKEN"):
+        P.resolve("org/gated")
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    assert (P.resolve("org/gated") / "config.json").is_file()
+    assert hub.log[-1][2] == "Bearer secret"
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a hub repo id"):
+        P.resolve(str(tmp_path / "no/such/folder"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: the network is "down"
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectionError, match="unreachable.*pass its path instead of the repo id"):
+        P.Encoder.from_pretrained("org/never-downloaded")
+
+# ------------------------------------------------------------------------------------ PEFT export
+
+
+class FakeAdapter:
+    config = {"r": 2}
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.loras = {f"encoder.layer.{i}.attention.self.{n}": (torch.randn(2, 16, generator=g),
+                                                                 torch.randn(16, 2, generator=g))
+                      for i in range(2) for n in ("query", "value")}
+
+    def lora_state_dict(self):
+        return self.loras
+
+
+def test_save_peft_lora_writes_the_peft_layout(tmp_path):
+    adapter = FakeAdapter()
+    P.save_peft_lora(adapter, tmp_path / "peft", base_model_name_or_path="FacebookAI/roberta-base",
+                     prefix="base_model.model.roberta.", task_type="SEQ_CLS")
+    tensors, meta, _ = parse_by_hand(tmp_path / "peft/adapter_model.safetensors")
+    assert meta == {"format": "pt"}
+    assert set(tensors) == {f"base_model.model.roberta.{n}.lora_{ab}.weight" for n in adapter.loras for ab in "AB"}
+    for n, (A, B) in adapter.loras.items():
+        np.testing.assert_array_equal(tensors[f"base_model.model.roberta.{n}.lora_A.weight"][1], A.numpy())
+        np.testing.assert_array_equal(tensors[f"base_model.model.roberta.{n}.lora_B.weight"][1], B.numpy())
+    cfg = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 2 and cfg["bias"] == "none"
+    assert cfg["target_modules"] == ["query", "value"] and cfg["fan_in_fan_out"] is False
+    assert cfg["base_model_name_or_path"] == "FacebookAI/roberta-base" and cfg["task_type"] == "SEQ_CLS"
