@@ -61,10 +61,17 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_safetensors(path) -> dict:
@@ -502,7 +509,7 @@ class CausalLM(nn.Module):
         self.window = c.get("sliding_window") if kind == "mistral" else None
         bias = c.get("attention_bias", False)  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
         qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
-        rope_inv_freq(c, 2)  # fail now, not at the first forward, on an unsupported rope_scaling
+        rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
         self.model.layers = nn.ModuleList(DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False))

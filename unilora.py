@@ -256,6 +256,9 @@ class _AdapterHandle:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(self._payload(), f)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
