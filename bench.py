@@ -129,7 +129,7 @@ def main():
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {args.threads} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device"))
-    print(f"\n| device | measurement | ours | baseline | ratio | target |\n|---|---|---|---|---|---|")
+    print("\n| device | measurement | ours | baseline | ratio | target |\n|---|---|---|---|---|---|")
     for device in devices:
         step = training_step_ratio(device, args.steps, args.batch, args.length)
         print(f"| {device.type} | train step, RoBERTa-base shape, {args.batch}x{args.length}, q+v, r=4 "

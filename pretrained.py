@@ -58,8 +58,8 @@ def load_config(folder) -> dict:
     return json.loads(path.read_text())
 
 
-def _atomic_write(path, write):
-    """Write through a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+def atomic_write(path, write):
+    """write(f) into a temp file in the same folder, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -130,7 +130,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
         f.write(struct.pack("<Q", len(blob)) + blob)
         for a in arrays:
             f.write(a)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_state_dict(folder) -> dict:
@@ -1253,5 +1253,5 @@ def save_peft_lora(adapter, folder, *, base_model_name_or_path=None, prefix="bas
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in loras}), "fan_in_fan_out": False,
               "base_model_name_or_path": base_model_name_or_path, "task_type": task_type, "inference_mode": True,
               "use_rslora": False, "modules_to_save": None}
-    _atomic_write(folder / "adapter_config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    atomic_write(folder / "adapter_config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     return folder

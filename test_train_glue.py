@@ -464,3 +464,13 @@ def test_one_real_command_line_run(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best matthews" in proc.stdout
     assert json.loads((out / "results.json").read_text())["steps"] == 2
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(assets, tmp_path):
+    _, out = run(assets, tmp_path, "--max_steps", "1", "--epochs", "1")
+    saved = (out / "results.json").read_text()
+    with pytest.raises(SystemExit):
+        run(assets, tmp_path, "--max_steps", "1", "--epochs", "1")
+    assert (out / "results.json").read_text() == saved
+    run(assets, tmp_path, "--max_steps", "1", "--epochs", "1", "--overwrite")
+    assert (out / "results.json").exists()

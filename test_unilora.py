@@ -257,7 +257,7 @@ def test_theta_d_is_one_shared_parameter_even_after_to():
 
 def test_dropout_applies_to_x_before_A():
     model = Tiny(dtype=torch.float64)
-    adapter = apply_unilora(model, 30, dropout=0.5)
+    apply_unilora(model, 30, dropout=0.5)
     layer = model.inp
     x = torch.randn(4, 5, dtype=torch.float64)
     A, B = (t.detach() for t in layer.lora_factors())

@@ -408,6 +408,7 @@ def main(argv=None):
     parser.add_argument("--no_amp", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--eval_only", action="store_true", help="evaluate the run saved in --load")
     parser.add_argument("--load", help="a run folder (or its best/) written by this script")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir")
     args = parser.parse_args(argv)
 
     # ---- what to build: from the command line, or for --eval_only from the saved run
@@ -436,6 +437,8 @@ def main(argv=None):
     args.epochs = args.epochs or epochs
     args.max_length = args.max_length or (128 if large else 512)
     args.output_dir = args.output_dir or (None if args.eval_only else f"out/glue-{args.task}-{args.method}")
+    if not args.eval_only and (Path(args.output_dir) / "results.json").exists() and not args.overwrite:
+        parser.error(f"{args.output_dir} already holds a run; pass --overwrite to replace it, or another --output_dir")
     # Record only what the method uses, so results.json never shows e.g. a d for a LoRA run.
     if args.method != "unilora":
         args.d = args.signs = None

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
-from pretrained import CausalLM, Tokenizer, download, resolve
+from pretrained import CausalLM, Tokenizer, atomic_write, download, resolve
 
 
 
@@ -378,16 +378,8 @@ class Formatter:
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers.
 
-def atomic_write(path, write):
-    """Write to a temporary name, then rename: an interrupted run never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def pad_batch(seqs, pad_id, left=False, labels=None):
@@ -596,7 +588,7 @@ def main(argv=None):
             log_path = out_dir / "train_log.jsonl"
             kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
                 if log_path.exists() else []
-            atomic_write(log_path, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+            atomic_write(log_path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
             print(f"resumed {ckpt_path} at step {step}/{total_steps}")
 
         # Data order: epoch e visits the examples in default_rng([seed, e]).permutation(n).  It depends only on
@@ -613,7 +605,7 @@ def main(argv=None):
                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
                          cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                          data_order=f"numpy default_rng([{args.seed}, epoch]).permutation({len(train)})")
-            atomic_write(ckpt_path, lambda p: torch.save(state, p))
+            atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
         end_step = min(total_steps, args.stop_after) if args.stop_after else total_steps
         print(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch "
@@ -710,7 +702,7 @@ def main(argv=None):
         rules[rule] = rules.get(rule, 0) + 1
         rows.append(json.dumps(dict(question=item["question"], reference=item["reference"], prediction=pred,
                                     rule=rule, correct=ok, completion=text, new_tokens=len(out))))
-    atomic_write(out_dir / "predictions.jsonl", lambda p: p.write_text("\n".join(rows) + "\n"))
+    atomic_write(out_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
     after.update(accuracy=correct / len(eval_items), correct=correct, n=len(eval_items), extracted_by=rules,
                  generate_seconds=round(gen_seconds, 1), max_new_tokens=args.max_new_tokens)
     results["after"] = after
