@@ -664,3 +664,24 @@ def test_save_peft_lora_writes_the_peft_layout(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 2 and cfg["bias"] == "none"
     assert cfg["target_modules"] == ["query", "value"] and cfg["fan_in_fan_out"] is False
     assert cfg["base_model_name_or_path"] == "FacebookAI/roberta-base" and cfg["task_type"] == "SEQ_CLS"
+
+
+def test_a_trained_unilora_adapter_exports_as_an_equivalent_lora(tmp_path):
+    import unilora
+    torch.manual_seed(0)
+    model = P.Encoder(ROBERTA).double().eval()
+    reference = P.Encoder(ROBERTA).double().eval()
+    reference.load_state_dict(model.state_dict())
+    unadapted = P.Encoder(ROBERTA).double().eval()
+    unadapted.load_state_dict(model.state_dict())
+    adapter = unilora.apply_unilora(model, 100, targets=("query", "value"), init_bound=0.3)
+    P.save_peft_lora(adapter, tmp_path / "peft")
+    tensors, _, _ = parse_by_hand(tmp_path / "peft/adapter_model.safetensors")
+    with torch.no_grad():  # apply the exported file by hand: W + B A for every listed module
+        for name, _, _ in adapter.config["layers"]:
+            A = torch.from_numpy(tensors[f"base_model.model.{name}.lora_A.weight"][1].copy()).double()
+            B = torch.from_numpy(tensors[f"base_model.model.{name}.lora_B.weight"][1].copy()).double()
+            reference.get_submodule(name).weight += B @ A
+    ids = torch.randint(3, ROBERTA["vocab_size"], (2, 7))
+    assert torch.allclose(reference(ids), model(ids), atol=1e-6)
+    assert not torch.allclose(unadapted(ids), model(ids), atol=1e-3)  # the adapter does change the outputs
