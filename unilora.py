@@ -24,14 +24,14 @@ where row i of P holds a single nonzero, at column j = idx_i, of value s_i / sqr
   - s_i = +-1 is a random sign (count-sketch style), or s_i = +1 with `signs=False`, which is the paper's P
     and the P of the official code and of PEFT's port.
 Since P has one nonzero per row, its columns have disjoint supports and unit norm, so P^T P = I_d: P is an
-exact isometry, ||P x|| = ||x||. Gradients flow back through P^T: one SGD step moves every LoRA entry of
-group j = {i : idx_i = j} by s_i times the mean of s_k g_k over that group.
+exact isometry, ||P x|| = ||x||. Gradients flow back through P^T: one SGD step with rate lr moves every LoRA
+entry i of group j = {i : idx_i = j} by -lr s_i mean_{k in j}(s_k g_k), g the gradient with respect to theta_D.
 
 P is never materialised. Write P = S Lambda with Lambda = diag(1/sqrt(n_j)), which has a closed form (the
 balanced assignment uses columns j < D mod d once more than the others), and S the D x d matrix of signs.
 The sign is folded into the index: row i reads entry idx_i + d [s_i = -1] of the doubled vector [u; -u], so
 P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d], and P^T g is one scatter-add (index_add) into
-2d slots followed by Lambda (first half minus second half). The whole of P costs one int32 per LoRA entry.
+2d slots, then Lambda (first half minus second half). The whole of P costs one int32 per LoRA entry.
 
 theta_d starts at U(-0.02, 0.02), not at zero: B A is quadratic in theta_d, so theta_d = 0 is a saddle
 point with an exactly zero gradient. There is no alpha/r scaling (dW = B A), as in the official code.
