@@ -382,8 +382,10 @@ def test_bad_d_and_r():
 
 
 def test_no_matching_targets_and_typos():
-    with pytest.raises(ValueError, match="match no nn.Linear module. Linear layers look like: inp, blocks.0.query"):
-        apply_unilora(Tiny(), 10, targets=r"q_proj")
+    with pytest.raises(ValueError, match="match no nn.Linear module .a string is a regex.*look like: inp, blocks.0.query"):
+        apply_unilora(Tiny(), 10, targets="query")
+    with pytest.raises(ValueError, match="match no nn.Linear module. Linear layers look like"):
+        apply_unilora(Tiny(), 10, targets=lambda name, module: False)
     with pytest.raises(ValueError, match="target 'valu' matches nothing"):
         apply_unilora(Tiny(), 10, targets=("query", "valu"))
     with pytest.raises(ValueError, match="only non-Linear modules"):

@@ -181,7 +181,9 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
                 why = f"only non-Linear modules ({type(model.get_submodule(others[0])).__name__})" if others else "nothing"
                 raise ValueError(f"target '{s}' matches {why}. Linear layers look like: {_examples(linears)}")
     if not chosen:
-        raise ValueError(f"targets={targets!r} match no nn.Linear module. Linear layers look like: {_examples(linears)}")
+        hint = " (a string is a regex for the whole name; pass a list for suffixes)" if isinstance(targets, str) else ""
+        raise ValueError(f"targets={targets!r} match no nn.Linear module{hint}. Linear layers look like: "
+                         f"{_examples(linears)}")
     return chosen
 
 
