@@ -926,6 +926,13 @@ class Tokenizer:
 
 # --------------------------------------------------------------------------------------------------------- encoder
 
+def embedding(num: int, dim: int, padding_idx=None) -> nn.Embedding:
+    """nn.Embedding, without its random init on the meta device (from_pretrained): the checkpoint supplies the
+    weights, and a random normal_ on meta tensors imports torch._dynamo, seconds at every start-up."""
+    on_meta = torch.empty(0).is_meta  # true inside `with torch.device("meta")`
+    return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=torch.empty(num, dim) if on_meta else None)
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -983,9 +990,9 @@ class Encoder(nn.Module):
             raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
         self.config, self.roberta = config, c["model_type"] == "roberta"
         self.embeddings = nn.ModuleDict({
-            "word_embeddings": nn.Embedding(c["vocab_size"], H, padding_idx=c.get("pad_token_id")),
-            "position_embeddings": nn.Embedding(c["max_position_embeddings"], H),
-            "token_type_embeddings": nn.Embedding(c.get("type_vocab_size", 2), H),
+            "word_embeddings": embedding(c["vocab_size"], H, padding_idx=c.get("pad_token_id")),
+            "position_embeddings": embedding(c["max_position_embeddings"], H),
+            "token_type_embeddings": embedding(c.get("type_vocab_size", 2), H),
             "LayerNorm": nn.LayerNorm(H, eps=c["layer_norm_eps"]),
             "dropout": nn.Dropout(c.get("hidden_dropout_prob", 0.0))})
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(EncoderLayer(c) for _ in range(c["num_hidden_layers"]))})
@@ -1151,7 +1158,7 @@ class CausalLM(nn.Module):
         qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
         rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.model.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
         self.model.layers = nn.ModuleList(DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False))
                                           for _ in range(c["num_hidden_layers"]))
         self.model.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
