@@ -1238,11 +1238,15 @@ class CausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------------------------- export
 
 
-def save_peft_lora(adapter, folder, *, base_model_name_or_path=None, prefix="base_model.model.", task_type=None):
+def save_peft_lora(adapter, folder, *, base_model_name_or_path=None, prefix="base_model.model.", task_type=None,
+                   overwrite=False):
     """Write adapter.lora_state_dict() as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json).
     lora_alpha = r, so PEFT's scale alpha/r is 1 and its delta is exactly B @ A. prefix + module name must be
     the module's name inside the PEFT model: e.g. "base_model.model.roberta." when our Encoder's weights were
     adapted and the target is RobertaForSequenceClassification."""
+    existing = [n for n in ("adapter_model.safetensors", "adapter_config.json") if (Path(folder) / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{folder} already holds {', '.join(existing)}; pass overwrite=True to replace them")
     loras = adapter.lora_state_dict()
     if not loras:
         raise ValueError("the adapter has no LoRA modules to export")

@@ -664,6 +664,9 @@ def test_save_peft_lora_writes_the_peft_layout(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == 2 and cfg["bias"] == "none"
     assert cfg["target_modules"] == ["query", "value"] and cfg["fan_in_fan_out"] is False
     assert cfg["base_model_name_or_path"] == "FacebookAI/roberta-base" and cfg["task_type"] == "SEQ_CLS"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        P.save_peft_lora(adapter, tmp_path / "peft")
+    P.save_peft_lora(adapter, tmp_path / "peft", overwrite=True)
 
 
 def test_a_trained_unilora_adapter_exports_as_an_equivalent_lora(tmp_path):
