@@ -924,6 +924,17 @@ class Tokenizer:
                   if t is not None and not (skip_special_tokens and t in self._special)]
         return "".join(self._decode(tokens)) if self._decode else " ".join(tokens)
 
+def pad(rows, value, left=False) -> torch.Tensor:
+    """Token lists (ids, type ids, labels, or ones for a mask) -> one (B, longest) tensor filled with `value`.
+    left=True pads in front, for generation: every row's new tokens then follow its prompt directly."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        start = width - len(r) if left else 0
+        out[i, start:start + len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- encoder
 
 def embedding(num: int, dim: int, padding_idx=None) -> nn.Embedding:

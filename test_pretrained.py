@@ -688,3 +688,9 @@ def test_a_trained_unilora_adapter_exports_as_an_equivalent_lora(tmp_path):
     ids = torch.randint(3, ROBERTA["vocab_size"], (2, 7))
     assert torch.allclose(reference(ids), model(ids), atol=1e-6)
     assert not torch.allclose(unadapted(ids), model(ids), atol=1e-3)  # the adapter does change the outputs
+
+
+def test_pad_right_and_left():
+    rows = [[5, 6, 7], [8], []]
+    assert P.pad(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert P.pad(rows, -100, left=True).tolist() == [[5, 6, 7], [-100, -100, 8], [-100, -100, -100]]

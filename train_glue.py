@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import Encoder, Tokenizer, download, load_safetensors, resolve, save_safetensors
+from pretrained import Encoder, Tokenizer, download, load_safetensors, pad, resolve, save_safetensors
 from unilora import apply_lora, apply_unilora, load_unilora
 
 
@@ -320,14 +320,9 @@ def batches(encoded, labels, index, size, pad_id, regression, device):
     """Yield padded batches of the examples at `index`, padded only to the longest in each batch."""
     for i in range(0, len(index), size):
         rows = [encoded[j] for j in index[i:i + size]]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (x, t) in enumerate(rows):
-            ids[r, :len(x)] = torch.tensor(x)
-            types[r, :len(t)] = torch.tensor(t)
-            mask[r, :len(x)] = 1
+        ids = pad([x for x, _ in rows], pad_id)
+        types = pad([t for _, t in rows], 0)
+        mask = pad([[1] * len(x) for x, _ in rows], 0)
         y = torch.tensor([labels[j] for j in index[i:i + size]], dtype=torch.float32 if regression else torch.long)
         yield ids.to(device), mask.to(device), types.to(device), y.to(device)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
-from pretrained import CausalLM, Tokenizer, atomic_write, download, resolve
+from pretrained import CausalLM, Tokenizer, atomic_write, download, pad, resolve
 
 
 
@@ -383,18 +383,9 @@ def write_json(path, obj):
 
 
 def pad_batch(seqs, pad_id, left=False, labels=None):
-    """Pads token lists to one tensor; left padding for generation (new tokens follow the prompt directly)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long) if labels is not None else None
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        mask[i, sl] = 1
-        if labels is not None:
-            lab[i, sl] = torch.tensor(labels[i])
-    return ids, mask, lab
+    """(ids, attention mask, labels or None) for token lists; labels are padded with -100 (ignored by the loss)."""
+    mask = pad([[1] * len(s) for s in seqs], 0, left)
+    return pad(seqs, pad_id, left), mask, None if labels is None else pad(labels, -100, left)
 
 
 @torch.no_grad()
