@@ -21,6 +21,7 @@ Hub cache layout (our own, simple): <root>/<org>--<name>/<revision>/<files>, whe
 else $HF_HUB_CACHE/unilora, else $HF_HOME/unilora, else ~/.cache/huggingface/unilora. A `.complete` marker is written
 once every file of a default fetch is in place, so later calls need no network at all.
 """
+import argparse
 import functools
 import json
 import math
@@ -1245,6 +1246,94 @@ class CausalLM(nn.Module):
         if model.tied:  # loading with assign=True replaced the embedding Parameter: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+# ------------------------------------------------------------------------------------------ runs and command lines
+# Shared by both training scripts, so that their flags and their run folders behave the same way.
+
+def _number(kind, low, low_ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, 1, True, "a positive integer")
+nonnegative_int = _number(int, 0, True, "an integer >= 0")
+positive_float = _number(float, 0.0, False, "a finite number > 0")
+nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
+
+
+def fraction(text):
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1)")
+    return value
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json")
+RUN_FILES = ("results.json", "run.json", "adapter.pt", "checkpoint.pt", "predictions.jsonl")
+
+
+def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
+    """Make `folder` the place a run writes into, refusing any folder whose contents it could destroy.
+
+    A model folder is always refused (its config.json and weights are never replaced); a folder holding a run
+    is refused unless overwrite; so is a non-empty folder of anything else. Nothing is created on refusal.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"{flag} {folder} is a file, not a folder.")
+    present = set(os.listdir(folder)) if folder.is_dir() else set()
+    if present & set(MODEL_FILES) - {"config.json"} or ("config.json" in present and not present & set(RUN_FILES)):
+        raise SystemExit(f"{flag} {folder} holds a model; runs never write into a model folder. Pick another {flag}.")
+    if present & set(RUN_FILES) and not overwrite:
+        raise SystemExit(f"{flag} {folder} already holds a run; pass --overwrite to replace it, or pick another {flag}.")
+    if present and not present & set(RUN_FILES):
+        raise SystemExit(f"{flag} {folder} is not empty and holds no run of ours; pick an empty or new folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def new_eval_dir(run_dir) -> Path:
+    """A fresh folder beside the run's own files for an evaluation of a saved run: eval-1, eval-2, ..."""
+    run_dir = Path(run_dir)
+    n = 1
+    while (run_dir / f"eval-{n}").exists():
+        n += 1
+    return run_dir / f"eval-{n}"
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj) -> None:
+    """Atomic, and always valid JSON: a non-finite float is written as null (JSON has no NaN)."""
+    text = json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class NonFiniteLoss(Exception):
+    """Training diverged; raised before anything of the diverged state is saved."""
+
+
+def check_finite(loss: float, step: int, hint: str = "lower --lr / --head_lr") -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {loss} at step {step}: training diverged and was stopped; nothing of "
+                            f"this step was saved. Try again with a smaller learning rate ({hint}).")
+
 
 # ---------------------------------------------------------------------------------------------------------- export
 
