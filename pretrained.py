@@ -1335,6 +1335,82 @@ def check_finite(loss: float, step: int, hint: str = "lower --lr / --head_lr") -
                             f"this step was saved. Try again with a smaller learning rate ({hint}).")
 
 
+# -------------------------------------------------------------------------------------------------- data parallel
+# `torchrun --nproc_per_node N script.py ...` starts N copies with RANK / WORLD_SIZE / LOCAL_RANK set; each copy
+# trains on its share of every global batch, and one all-reduce per optimiser step sums the trainable gradients.
+# A plain `python script.py` never touches torch.distributed.
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:  # the one copy that writes files, logs and progress bars
+        return self.rank == 0
+
+
+def start_data_parallel(device: str) -> Ranks:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA, one GPU per copy)."""
+    if "WORLD_SIZE" not in os.environ:
+        return Ranks(device=device)
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Ranks(rank, world, device)
+
+
+def stop_data_parallel(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def my_share(rows: list, ranks: Ranks) -> list:
+    """Rows rank, rank + world, ...: every copy takes its turn through the same seeded order."""
+    return rows[ranks.rank::ranks.world]
+
+
+def gather_shares(share: list, ranks: Ranks) -> list:
+    """Undo my_share: every copy's share, interleaved back into the original order (on every copy)."""
+    if ranks.world == 1:
+        return list(share)
+    import torch.distributed as dist
+    shares = [None] * ranks.world
+    dist.all_gather_object(shares, list(share))
+    return [shares[i % ranks.world][i // ranks.world] for i in range(sum(map(len, shares)))]
+
+
+def sum_gradients(params: list, ranks: Ranks) -> None:
+    """One all-reduce (sum) of every trainable gradient: what DistributedDataParallel does, without its buckets.
+
+    A sum, not a mean: each copy divides its loss by the normaliser of the WHOLE global batch (its token or
+    example count), so the summed gradient is the one-process gradient. A copy that had no rows adds zeros.
+    """
+    if ranks.world == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+@torch.no_grad()
+def copy_from_main(params: list, ranks: Ranks) -> None:
+    """Start every copy from the main copy's trainable values (they agree by seed; this makes it certain)."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 # ---------------------------------------------------------------------------------------------------------- export
 
 
