@@ -5,6 +5,7 @@ test: a hand-rolled safetensors writer/parser (struct + json + numpy), float64 B
 explicit loops and softmax, greedy decoding by full recomputation, and a local HTTP server with Range support.
 (Equality with `transformers` itself is checked outside the project, since it may not be a dependency.)
 """
+import hashlib
 import http.server
 import io
 import json
@@ -493,78 +494,226 @@ def test_decoder_names_dtypes_and_config_errors(tmp_path, decoders):
 
 
 class HubHandler(http.server.BaseHTTPRequestHandler):
-    """Serves server.files by path, honours 'Range: bytes=N-', can break off a response once (server.truncate)."""
+    """A fake hub (or a foreign host) on 127.0.0.1, written from HTTP's rules rather than from pretrained.py.
+
+    Serves server.files by path with a strong ETag (the body's sha256, as the hub gives LFS files), honours
+    'Range: bytes=N-' and If-Range (a stale ETag gets the whole file, 200). Per-path faults and extras:
+    truncate (promise the whole body, send half, hang up, once), no_length (no Content-Length: the body ends when
+    the connection closes), chunked / chunked_cut (a chunked body, complete or cut before its end), bad_range
+    (answer a resume with the wrong Content-Range), redirect (302 to another URL), headers (extra headers)."""
 
     def do_GET(self):
         srv = self.server
-        srv.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        srv.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization"),
+                        self.headers.get("If-Range")))
         if self.path in srv.gated and self.headers.get("Authorization") != "Bearer secret":
             return self.send_error(401)
+        if self.path in srv.redirect:
+            self.send_response(302)
+            self.send_header("Location", srv.redirect[self.path])
+            for k, v in srv.headers.get(self.path, {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         body = srv.files.get(self.path)
         if body is None:
             return self.send_error(404)
+        etag = f'"{hashlib.sha256(body).hexdigest()}"'
         start, rng = 0, self.headers.get("Range")
-        if rng:
+        if rng and self.headers.get("If-Range", etag) == etag:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 return self.send_error(416)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            first = start + 1 if self.path in srv.bad_range else start
+            self.send_header("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if self.path in srv.truncate:  # promise the whole file, send half, hang up
-            srv.truncate.discard(self.path)
-            self.wfile.write(body[start:start + (len(body) - start) // 2])
+        self.send_header("ETag", etag)
+        for k, v in srv.headers.get(self.path, {}).items():
+            self.send_header(k, v)
+        rest = body[start:]
+        if self.path in srv.chunked or self.path in srv.chunked_cut:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            half = rest[:len(rest) // 2]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(half), half))
+            if self.path in srv.chunked_cut:
+                return  # no further chunk and no terminating 0-chunk: the connection just closes
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest) - len(half), rest[len(half):]))
             return
-        self.wfile.write(body[start:])
+        if self.path not in srv.no_length:
+            self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        if self.path in srv.truncate:
+            srv.truncate.discard(self.path)
+            rest = rest[:len(rest) // 2]
+        self.wfile.write(rest)
 
     def log_message(self, *args):
         pass
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
+def start_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
-    server.files, server.log, server.truncate, server.gated = {}, [], set(), set()
+    server.files, server.log, server.gated, server.redirect, server.headers = {}, [], set(), {}, {}
+    server.truncate, server.no_length, server.chunked, server.chunked_cut, server.bad_range = (set() for _ in range(5))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.stop = lambda: (server.shutdown(), server.server_close())
+    server.thread = thread
+    return server
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = start_server()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for var in ("HF_HUB_CACHE", "HF_TOKEN", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
-    server.stop = lambda: (server.shutdown(), server.server_close())
     yield server
-    if thread.is_alive():
+    if server.thread.is_alive():
         server.stop()
 
 
-def test_download_resumes_and_is_atomic(hub, tmp_path):
+@pytest.fixture
+def foreign():
+    """Another origin (same host, another port): a CDN, a dataset host. It must never see the token."""
+    server = start_server()
+    yield server
+    server.stop()
+
+
+def test_token_goes_to_the_hub_origin_only(hub, foreign, tmp_path, monkeypatch):
+    body = b"weights" * 100
+    hub.files["/org/m/resolve/main/config.json"] = foreign.files["/data/test.jsonl"] = body
+    foreign.files["/cdn/blob"] = body
+    P.download(hub.url + "/org/m/resolve/main/config.json", tmp_path / "a", token="secret")
+    assert hub.log[-1][2] == "Bearer secret"  # the hub itself gets it
+    P.download(foreign.url + "/data/test.jsonl", tmp_path / "b", token="secret")  # a caller passing it anyway
+    assert foreign.log[-1][2] is None
+    # the hub redirects a big file to its CDN: the hub sees the token, the CDN never does
+    hub.redirect["/org/m/resolve/main/model.safetensors"] = foreign.url + "/cdn/blob"
+    assert P.download(hub.url + "/org/m/resolve/main/model.safetensors", tmp_path / "c",
+                      token="secret").read_bytes() == body
+    assert hub.log[-1] == ("/org/m/resolve/main/model.safetensors", None, "Bearer secret", None)
+    # a redirect that stays on the hub's origin (a renamed repo) keeps it
+    hub.redirect["/old/m/resolve/main/config.json"] = hub.url + "/org/m/resolve/main/config.json"
+    P.download(hub.url + "/old/m/resolve/main/config.json", tmp_path / "d", token="secret")
+    assert [a for _, _, a, _ in hub.log[-2:]] == ["Bearer secret", "Bearer secret"]
+    # resolve() with $HF_TOKEN, weights served by the CDN
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    tiny_bert_repo(hub, "org/tiny")
+    hub.files["/cdn/tiny"] = hub.files.pop("/org/tiny/resolve/main/model.safetensors")
+    foreign.files["/cdn/tiny"] = hub.files["/cdn/tiny"]
+    hub.redirect["/org/tiny/resolve/main/model.safetensors"] = foreign.url + "/cdn/tiny"
+    assert (P.resolve("org/tiny") / "model.safetensors").read_bytes() == foreign.files["/cdn/tiny"]
+    assert [p for p, _, _, _ in foreign.log] == ["/data/test.jsonl", "/cdn/blob", "/cdn/tiny"]
+    assert [a for _, _, a, _ in foreign.log] == [None, None, None]
+    assert {a for _, _, a, _ in hub.log} == {"Bearer secret"}
+
+
+def test_same_origin_compares_scheme_host_and_port():
+    assert P.same_origin("https://huggingface.co/a/b", "https://HuggingFace.co:443")
+    assert P.same_origin("http://127.0.0.1:8000/x", "http://127.0.0.1:8000")
+    for other in ("http://huggingface.co/a", "https://cdn-lfs.huggingface.co/a", "https://huggingface.co:8443/a",
+                  "https://huggingface.co.evil.com/a", "https://evil.com/huggingface.co", "https://x@evil.com/",
+                  "https://huggingface.co:bad/"):
+        assert not P.same_origin(other, "https://huggingface.co"), other
+
+
+def test_download_resumes_only_the_version_it_started(hub, tmp_path):
     body = bytes(range(256)) * 40
-    hub.files["/data/a.bin"] = body
-    dest = P.download(hub.url + "/data/a.bin", tmp_path / "d/a.bin")
-    assert dest.read_bytes() == body and hub.log[-1][1] is None
-    # a partial file from an earlier run: only the rest is requested
-    (tmp_path / "d/b.bin.incomplete").write_bytes(body[:1000])
-    hub.files["/data/b.bin"] = body
-    assert P.download(hub.url + "/data/b.bin", tmp_path / "d/b.bin").read_bytes() == body
-    assert hub.log[-1][1] == "bytes=1000-"
-    # the connection breaks mid-file: a clear error, the partial kept, the next call resumes where it stopped
-    hub.files["/data/c.bin"] = body
-    hub.truncate.add("/data/c.bin")
-    with pytest.raises(ConnectionError, match="run again to resume"):
-        P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin")
-    assert not (tmp_path / "d/c.bin").exists() and (tmp_path / "d/c.bin.incomplete").stat().st_size == len(body) // 2
-    assert P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin").read_bytes() == body
-    assert hub.log[-1][1] == f"bytes={len(body) // 2}-"
+    hub.files["/f.bin"] = body
+    hub.truncate.add("/f.bin")
+    with pytest.raises(ConnectionError, match="run again to resume"):  # cut mid-file: the partial is kept
+        P.download(hub.url + "/f.bin", tmp_path / "f.bin")
+    assert not (tmp_path / "f.bin").exists() and (tmp_path / "f.bin.incomplete").stat().st_size == len(body) // 2
+    etag = f'"{hashlib.sha256(body).hexdigest()}"'
+    assert P.download(hub.url + "/f.bin", tmp_path / "f.bin").read_bytes() == body
+    assert hub.log[-1][1:] == (f"bytes={len(body) // 2}-", None, etag)  # Range with If-Range on its ETag
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # no partial, no ETag file left
     n = len(hub.log)
-    P.download(hub.url + "/data/c.bin", tmp_path / "d/c.bin")  # already there: no request at all
+    P.download(hub.url + "/f.bin", tmp_path / "f.bin")  # already there: no request at all
     assert len(hub.log) == n
+    # the remote file changes between the two attempts: the result is the new file, never a mix of both
+    hub.files["/g.bin"] = body
+    hub.truncate.add("/g.bin")
+    with pytest.raises(ConnectionError):
+        P.download(hub.url + "/g.bin", tmp_path / "g.bin")
+    new = bytes(reversed(body))
+    hub.files["/g.bin"] = new
+    assert P.download(hub.url + "/g.bin", tmp_path / "g.bin").read_bytes() == new
+    assert hub.log[-1][3] == etag  # it asked for the old version; the server sent the new one whole
+    # a partial without the ETag it came from (e.g. an older client's) is not trusted: start from zero
+    (tmp_path / "h.bin.incomplete").write_bytes(b"\0" * 1000)
+    hub.files["/h.bin"] = body
+    assert P.download(hub.url + "/h.bin", tmp_path / "h.bin").read_bytes() == body
+    assert hub.log[-1][1] is None
     with pytest.raises(Exception) as e:
-        P.download(hub.url + "/data/missing.bin", tmp_path / "d/missing.bin")
-    assert getattr(e.value, "code", None) == 404 and not (tmp_path / "d/missing.bin").exists()
+        P.download(hub.url + "/missing.bin", tmp_path / "missing.bin")
+    assert getattr(e.value, "code", None) == 404 and not (tmp_path / "missing.bin").exists()
+
+
+def test_download_rejects_a_wrong_content_range(hub, tmp_path):
+    body = bytes(range(256)) * 8
+    hub.files["/r.bin"] = body
+    hub.truncate.add("/r.bin")
+    with pytest.raises(ConnectionError):
+        P.download(hub.url + "/r.bin", tmp_path / "r.bin")
+    hub.bad_range.add("/r.bin")  # the server answers the resume with bytes that start one too late
+    with pytest.raises(ConnectionError, match=r"Content-Range 'bytes 1025-2047/2048'.*discarded"):
+        P.download(hub.url + "/r.bin", tmp_path / "r.bin")
+    assert list(tmp_path.iterdir()) == []
+    assert P.download(hub.url + "/r.bin", tmp_path / "r.bin").read_bytes() == body  # a fresh start is whole
+
+
+def test_download_never_marks_a_short_file_complete(hub, foreign, tmp_path):
+    body = bytes(range(256)) * 8
+    foreign.files["/n.bin"] = body
+    foreign.no_length.add("/n.bin")  # no Content-Length, and not the hub: nothing states the size or a checksum
+    with pytest.raises(ConnectionError, match="states no length or checksum"):
+        P.download(foreign.url + "/n.bin", tmp_path / "n.bin")
+    assert list(tmp_path.iterdir()) == []
+    hub.files["/n.bin"] = body
+    hub.no_length.add("/n.bin")
+    hub.headers["/n.bin"] = {"X-Linked-Size": str(len(body))}  # the hub's size header makes it checkable
+    hub.truncate.add("/n.bin")
+    with pytest.raises(ConnectionError, match=f"stopped at {len(body) // 2} of {len(body)} bytes"):
+        P.download(hub.url + "/n.bin", tmp_path / "n.bin")
+    assert not (tmp_path / "n.bin").exists()
+    assert P.download(hub.url + "/n.bin", tmp_path / "n.bin").read_bytes() == body  # resumed, then complete
+    hub.files["/c.bin"] = body
+    hub.chunked_cut.add("/c.bin")  # a chunked body that stops before its final chunk
+    with pytest.raises(ConnectionError, match="broke off"):
+        P.download(hub.url + "/c.bin", tmp_path / "c.bin")
+    assert not (tmp_path / "c.bin").exists()
+    hub.chunked_cut.clear()
+    hub.chunked.add("/c.bin")  # chunked and complete: its terminating chunk proves the end
+    assert P.download(hub.url + "/c.bin", tmp_path / "c.bin").read_bytes() == body
+
+
+def test_download_checks_the_sha256_the_hub_states(hub, foreign, tmp_path):
+    body, other = b"a" * 3000, b"b" * 3000
+    foreign.files["/cdn/x"] = body
+    foreign.no_length.add("/cdn/x")  # the CDN sends no length: the hub's size and sha256 must suffice
+    hub.redirect["/org/m/resolve/main/w.safetensors"] = foreign.url + "/cdn/x"
+    hub.headers["/org/m/resolve/main/w.safetensors"] = {"X-Linked-Etag": f'"{hashlib.sha256(body).hexdigest()}"',
+                                                        "X-Linked-Size": str(len(body))}
+    assert P.download(hub.url + "/org/m/resolve/main/w.safetensors", tmp_path / "w").read_bytes() == body
+    foreign.files["/cdn/x"] = other  # the CDN now serves other bytes of the same length
+    with pytest.raises(ConnectionError, match="has sha256 .* the hub states .* discarded"):
+        P.download(hub.url + "/org/m/resolve/main/w.safetensors", tmp_path / "w2")
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "w2.incomplete").exists()
+    hub.files["/y.bin"] = body  # an LFS file served by the hub itself: its ETag is the sha256, and it is checked
+    hub.headers["/y.bin"] = {"X-Linked-Etag": hashlib.sha256(other).hexdigest()}
+    with pytest.raises(ConnectionError, match="headers contradict"):
+        P.download(hub.url + "/y.bin", tmp_path / "y")
+    foreign.files["/z"] = other  # another origin's ETag means nothing: not taken for a checksum
+    foreign.headers["/z"] = {"X-Linked-Etag": hashlib.sha256(body).hexdigest()}
+    assert P.download(foreign.url + "/z", tmp_path / "z").read_bytes() == other
 
 
 def tiny_bert_repo(hub, repo, weights="safetensors"):
@@ -594,7 +743,7 @@ def test_resolve_downloads_then_works_offline(hub, tmp_path):
     folder = P.resolve("org/tiny-bert")
     assert folder == tmp_path / "hf/unilora/org--tiny-bert/main"
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", ".complete"}
-    requested = [path for path, _, _ in hub.log]
+    requested = [path for path, *_ in hub.log]
     assert requested[0].endswith("/config.json") and "/org/tiny-bert/resolve/main/generation_config.json" in requested
     hub.stop()  # offline from here on: the cache must be enough
     model = P.Encoder.from_pretrained("org/tiny-bert")
