@@ -10,9 +10,15 @@ import http.server
 import io
 import json
 import math
+import os
+import pickle
+import random
+import re
 import socket
 import struct
 import threading
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -782,6 +788,197 @@ def test_resolve_errors_name_the_problem_and_the_fix(hub, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(ConnectionError, match="unreachable.*pass its path instead of the repo id"):
         P.Encoder.from_pretrained("org/never-downloaded")
+
+# ------------------------------------------------------------------------------------ hostile files
+
+BAD_NAMES = ["/tmp/evil.safetensors", "../evil.safetensors", "../../../../../evil.safetensors", "a/../../evil.st",
+             "a//b.safetensors", "", ".", "sub/", "C:evil.safetensors", "C:/evil.safetensors", "..\\evil.safetensors",
+             "sub\\x.safetensors", "a\0b.safetensors", 7, None]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_from_an_index_or_a_caller_stay_inside_the_folder(hub, tmp_path, name):
+    tiny_bert_repo(hub, "org/crafted", "sharded")
+    base = "/org/crafted/resolve/main/"
+    index = json.loads(hub.files[base + "model.safetensors.index.json"])
+    index["weight_map"]["embeddings.LayerNorm.bias"] = name
+    hub.files[base + "model.safetensors.index.json"] = json.dumps(index).encode()
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json: refusing file name {re.escape(repr(name))}"):
+        P.resolve("org/crafted")
+    assert not [p for p, *_ in hub.log if "model-0000" in p]  # no shard was requested
+    n = len(hub.log)
+    if name is not None:
+        with pytest.raises(ValueError, match=re.escape(repr(name))):
+            P.resolve("org/crafted2", files=["config.json", name])
+        assert len(hub.log) == n  # refused before any request
+    # a local folder whose index points outside it, at a valid file that the old reader would have loaded
+    folder = tmp_path / "models/m"
+    folder.mkdir(parents=True)
+    write_by_hand(tmp_path / "models/evil.safetensors", {"w": torch.ones(2)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        P.load_state_dict(folder)
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "evil" in p.name}
+    assert written == {"models/evil.safetensors"}  # nothing else named evil anywhere
+
+
+def test_nested_names_and_revisions_inside_the_folder_are_fine(hub):
+    assert P.check_file_name("sub/dir/model-00001.safetensors", "test") == "sub/dir/model-00001.safetensors"
+    with pytest.raises(ValueError, match="revision"):
+        P.resolve("org/x", revision="../../x")
+    assert hub.log == []
+
+
+def hostile_variants(seed=0, n=300):
+    """Seeded mutations of a valid safetensors file: flipped bytes, hostile header values, lying header lengths,
+    truncations, extra overlapping entries and edited header text."""
+    rng = random.Random(seed)
+    good = safetensors_bytes({"a": torch.randn(3, 4), "b": torch.arange(6).reshape(2, 3), "c": torch.randn(5).half()})
+    (hlen,) = struct.unpack("<Q", good[:8])
+    header, data = json.loads(good[8:8 + hlen]), good[8 + hlen:]
+    pool = [-1, 0, 8, 2**40, 2**64, 1.5, "3", None, True, [], [1], [0, 2**62], [2**62, 2**62 + 8], [-8, 0], [8, 0],
+            [0, -1], [[0]], {"a": 1}, "F8_E4M3", "F32", "BF16", ["F32"], [2**31, 2**31], [3, -4], [True, 2], [0, 48],
+            [1e3, 2e3], [2**20, 2**20, 2**20], [4, 3], [0, 24], [48, 72]]
+
+    def pack(h, d=data, length=None):
+        text = json.dumps(h).encode()
+        return struct.pack("<Q", len(text) if length is None else length) + text + d
+
+    for i in range(n):
+        kind = i % 7
+        if kind == 0:  # flip a few random bytes anywhere
+            b = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            yield bytes(b)
+        elif kind == 1:  # one field of one tensor set to a hostile value
+            h = json.loads(json.dumps(header))
+            h[rng.choice("abc")][rng.choice(["dtype", "shape", "data_offsets"])] = rng.choice(pool)
+            yield pack(h)
+        elif kind == 2:  # the header length lies
+            yield pack(header, length=rng.choice([0, 1, 7, hlen - 1, hlen + 1, len(good), 2**32, 2**63, 2**64 - 1]))
+        elif kind == 3:  # truncated anywhere
+            yield good[:rng.randrange(len(good))]
+        elif kind == 4:  # an extra tensor overlapping the others, or one claiming far more than the file holds
+            h = json.loads(json.dumps(header))
+            big = rng.choice([[2**15, 2**15], [10**9], [3, 4]])
+            end = rng.choice([48, 8 * math.prod(big), 2**30])
+            h["x"] = {"dtype": "F32", "shape": big, "data_offsets": [rng.choice([0, 8, 24]), end]}
+            yield pack(h)
+        elif kind == 5:  # a field missing, or an entry that is not an object
+            h = json.loads(json.dumps(header))
+            name = rng.choice("abc")
+            if rng.random() < 0.5:
+                del h[name][rng.choice(["dtype", "shape", "data_offsets"])]
+            else:
+                h[name] = rng.choice(pool)
+            yield pack(h)
+        else:  # the header text edited: a character dropped, doubled or replaced
+            text = bytearray(good[8:8 + hlen])
+            j = rng.randrange(len(text))
+            op = rng.randrange(3)
+            text = text[:j] + text[j + 1:] if op == 0 else text[:j] + text[j:j + 1] * 2 + text[j + 1:] \
+                if op == 1 else text[:j] + bytes([rng.randrange(256)]) + text[j + 1:]
+            yield struct.pack("<Q", len(text)) + bytes(text) + data
+
+
+def test_safetensors_fuzz_only_value_errors_and_no_big_allocations(tmp_path):
+    import tracemalloc
+    outcomes = {"loaded": 0, "refused": 0}
+    path = tmp_path / "fuzz.safetensors"
+    for i, blob in enumerate(hostile_variants()):
+        path.write_bytes(blob)
+        tracemalloc.start()
+        try:
+            sd = P.load_safetensors(path)
+            outcomes["loaded"] += 1
+            assert sum(t.numel() * t.element_size() for t in sd.values()) <= len(blob)
+        except ValueError as e:
+            outcomes["refused"] += 1
+            assert str(path) in str(e), f"variant {i}: the error does not name the file: {e}"
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < 4 * len(blob) + (256 << 10), f"variant {i} made the reader allocate {peak} bytes"
+    assert outcomes["refused"] > 150 and outcomes["loaded"] > 10  # both paths were really exercised
+
+
+def test_safetensors_reader_refuses_the_reported_files(tmp_path):
+    def header_file(name, header, data=b""):
+        text = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(text)) + text + data)
+        return tmp_path / name
+    cases = {  # the issue's examples: a 1 GB claim in a tiny file, negative/overlapping offsets, a lying length
+        "huge.safetensors": ({"w": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}, b"\0" * 16,
+                             "ends at byte 1073741824 .* only 16 bytes"),
+        "negative.safetensors": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8,
+                                 "data_offsets"),
+        "overlap.safetensors": ({"u": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12,
+                                "'u' and 'v' overlap"),
+        "shape.safetensors": ({"w": {"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 0]}}, b"", "shape"),
+        "dtype.safetensors": ({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "dtype"),
+        "entry.safetensors": ({"w": [1, 2]}, b"", "'w' is not an object"),
+        "list.safetensors": ([1, 2], b"", "JSON list"),
+        "dup.safetensors": (None, b"", "duplicate"),
+    }
+    for name, (header, data, problem) in cases.items():
+        if header is None:
+            text = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {}}'
+            (tmp_path / name).write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            path = tmp_path / name
+        else:
+            path = header_file(name, header, data)
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{problem}"):
+            P.load_safetensors(path)
+    (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 1000) + b"{}")  # length past the end
+    with pytest.raises(ValueError, match="header claims 1000 bytes"):
+        P.load_safetensors(tmp_path / "long.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\1\0")
+    with pytest.raises(ValueError, match="too short"):
+        P.load_safetensors(tmp_path / "tiny.safetensors")
+
+
+class ArbitraryCode:
+    """Unpickling this calls os.mkdir(marker): the stand-in for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"x": ArbitraryCode(marker)}, tmp_path / "armed.pt")  # prove the payload is live: a plain unpickler
+    with zipfile.ZipFile(tmp_path / "armed.pt") as z:                 # runs it
+        pickle.loads(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
+    assert marker.is_dir()
+    marker.rmdir()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2), "x": ArbitraryCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder / 'pytorch_model.bin'))} is not a plain tensor"):
+        P.load_state_dict(folder)
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, folder / "pytorch_model.bin")
+    (folder / "pytorch_model.bin").write_bytes((folder / "pytorch_model.bin").read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a plain tensor checkpoint"):
+        P.load_state_dict(folder)
+    torch.save([torch.ones(2)], folder / "pytorch_model.bin")  # loads safely, but is no state dict
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        P.load_state_dict(folder)
+
+
+def test_no_python_file_in_the_repo_unpickles_arbitrary_objects():
+    repo = Path(__file__).resolve().parent
+    files = [p for p in repo.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(repo).parts)]
+    assert len(files) >= 8  # the project's scripts and tests were found
+    unsafe = re.compile(r"weights_only\s*=\s*(False|0)\b")  # this pattern does not match its own source text
+    offenders = [f"{p.relative_to(repo)}:{i}" for p in files
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if unsafe.search(line)]
+    assert offenders == [], "torch.load(..., weights_only=True) only: a checkpoint must never run code"
 
 # ------------------------------------------------------------------------------------ PEFT export
 
