@@ -534,15 +534,30 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
     return folder
 
 
-def _load_weights(model: nn.Module, sd: dict, dtype):
-    """Strict load into a model built on the meta device: every parameter must come from the checkpoint."""
+def _load_weights(model: nn.Module, sd: dict, dtype, folder):
+    """Strict load into a model built on the meta device: every parameter must come from the checkpoint, in the
+    shape config.json implies."""
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}  # derived buffers
-    expected = model.state_dict().keys()
+    expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing keys {missing[:10]}, "
+        raise ValueError(f"checkpoint in {folder} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}. Is it the right model folder?")
+    for name, t in expected.items():
+        if sd[name].shape != t.shape:
+            raise ValueError(f"checkpoint in {folder}: {name} has shape {tuple(sd[name].shape)}, its config.json "
+                             f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+
+
+def build_on_meta(cls, config, folder, **kwargs):
+    """cls(config) on the meta device: no memory and no random init, since every parameter comes from the
+    checkpoint. A config the model refuses is named by its file."""
+    try:
+        with torch.device("meta"):
+            return cls(config, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / 'config.json'}: {e}") from None
 
 
 def _dtype(dtype):
@@ -1092,7 +1107,7 @@ class Tokenizer:
         tok = cls.from_file(folder / "tokenizer.json")
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in transformers
             path = folder / name
-            for key, val in (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}).items():
+            for key, val in (read_json(path, name) if path.is_file() else {}).items():
                 if key.endswith("_token") and val and isinstance(val, (str, dict)):
                     tok.special_tokens[key[:-6]] = val["content"] if isinstance(val, dict) else val
         for role in ("pad", "bos", "eos"):
@@ -1208,6 +1223,20 @@ def gelu_tanh(x):
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
 
+ENCODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")
+DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def head_count_check(c: dict, head_dim_key=None):
+    """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly."""
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if not (head_dim_key and c.get(head_dim_key)) and c["hidden_size"] % heads:
+        raise ValueError(f"hidden_size {c['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if type(kv) is not int or kv <= 0 or heads % kv:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+
 class EncoderLayer(nn.Module):
     """Post-LayerNorm transformer block, nested exactly like Hugging Face's BertLayer (hence `attention.self`)."""
 
@@ -1256,6 +1285,7 @@ class Encoder(nn.Module):
                              "(only absolute)")
         if c["hidden_act"] not in ACTIVATIONS:
             raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
+        head_count_check(c)
         self.config, self.roberta = config, c["model_type"] == "roberta"
         self.embeddings = nn.ModuleDict({
             "word_embeddings": embedding(c["vocab_size"], H, padding_idx=c.get("pad_token_id")),
@@ -1293,6 +1323,8 @@ class Encoder(nn.Module):
         if config.get("model_type") not in ("bert", "roberta"):
             raise ValueError(f"{folder}: model_type {config.get('model_type')!r} is not supported by Encoder "
                              "(supported: bert, roberta)")
+        require_config(config, folder, ENCODER_SIZES, ("hidden_act", "layer_norm_eps")
+                       + (("pad_token_id",) if config["model_type"] == "roberta" else ()))
         sd = load_state_dict(folder)
         prefix = config["model_type"] + "."
         if any(k.startswith(prefix) for k in sd):  # a *ForMaskedLM/*ForPreTraining checkpoint: keep the base model,
@@ -1300,9 +1332,8 @@ class Encoder(nn.Module):
         # very old BERT checkpoints name LayerNorm parameters gamma/beta
         sd = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
               for k, v in sd.items()}
-        with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
-            model = cls(config, pooler="pooler.dense.weight" in sd)
-        _load_weights(model, sd, _dtype(dtype))
+        model = build_on_meta(cls, config, folder, pooler="pooler.dense.weight" in sd)
+        _load_weights(model, sd, _dtype(dtype), folder)
         return model.eval()
 
 # --------------------------------------------------------------------------------------------------------- decoder
@@ -1313,10 +1344,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
-    def forward(self, x):  # the mean of squares in fp32 even for bf16 activations, as the reference models do
+    def normalized(self, x):  # the mean of squares in fp32 even for bf16 activations, as the reference models do
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self.weight * self.normalized(x).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma stores the scale as an offset from 1 (so it starts at 0) and applies it in fp32 before casting back,
+    where Llama casts first: in bf16 the two round differently, so each model gets its own."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def rope_inv_freq(config: dict, head_dim: int, device=None):
@@ -1385,53 +1430,74 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):  # SwiGLU
-    def __init__(self, c, bias):
+class MLP(nn.Module):  # gated: SwiGLU (Llama family) or GeGLU (Gemma)
+    def __init__(self, c, bias, act):
         super().__init__()
         H, inner = c["hidden_size"], c["intermediate_size"]
         self.gate_proj, self.up_proj = nn.Linear(H, inner, bias=bias), nn.Linear(H, inner, bias=bias)
         self.down_proj = nn.Linear(inner, H, bias=bias)
+        self.act = act
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c, qkv_bias, o_bias, mlp_bias):
+    def __init__(self, c, qkv_bias, o_bias, mlp_bias, act, norm):
         super().__init__()
-        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias)
-        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
-        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias, act)
+        self.input_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
 
     def forward(self, x, cos, sin, mask, cache, i):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def gemma_activation(c: dict) -> str:
+    """Gemma's MLP activation: hidden_activation where the config has it, else hidden_act. The original releases
+    say "gelu" but were trained with the tanh approximation, so transformers reads "gelu" as tanh; so do we."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
 class CausalLM(nn.Module):
-    """Llama-family causal LM (llama, mistral, qwen2; SmolLM is llama). forward -> logits (B, T, V)."""
+    """Llama-family causal LM (llama, mistral, qwen2; SmolLM is llama) and Gemma. forward -> logits (B, T, V).
+
+    Gemma differs in four places: RMSNorm scales by (1 + w) in fp32, the embeddings are multiplied by
+    sqrt(hidden_size) (rounded to the activations' dtype, as the reference does), the MLP is GeGLU with the tanh
+    GELU, and the head is tied to the embeddings unless the config says otherwise. head_dim comes from the config
+    (256 for Gemma-7B, where 16 heads x 256 != hidden 3072)."""
 
     def __init__(self, config: dict):
         super().__init__()
         c, kind = config, config.get("model_type")
-        if kind not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2)")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (Llama-family models use silu)")
+        if kind not in ("llama", "mistral", "qwen2", "gemma"):
+            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2, "
+                             "gemma)")
+        gemma = kind == "gemma"
+        act = gemma_activation(c) if gemma else c.get("hidden_act", "silu")
+        if act not in (ACTIVATIONS if gemma else ("silu",)):
+            raise ValueError(f"hidden_act {act!r} is not supported for {kind} "
+                             f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
         if kind == "qwen2" and c.get("use_sliding_window"):
             raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        head_count_check(c, "head_dim")
         self.config = config
         self.window = c.get("sliding_window") if kind == "mistral" else None
+        self.embed_scale = c["hidden_size"] ** 0.5 if gemma else None
         bias = c.get("attention_bias", False)  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
         qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
+        norm = GemmaRMSNorm if gemma else RMSNorm
         rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
         self.model = nn.Module()
         self.model.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
-        self.model.layers = nn.ModuleList(DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False))
-                                          for _ in range(c["num_hidden_layers"]))
-        self.model.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False), ACTIVATIONS[act], norm)
+            for _ in range(c["num_hidden_layers"]))
+        self.model.norm = norm(c["hidden_size"], c["rms_norm_eps"])
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
-        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.tied = bool(c.get("tie_word_embeddings", gemma))  # transformers' defaults: Gemma tied, the others not
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -1449,6 +1515,8 @@ class CausalLM(nn.Module):
         # positions count real tokens only, so a left-padded row starts at 0 just like the same row unpadded
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.model.embed_tokens(input_ids)
+        if self.embed_scale:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         freqs = pos[..., None].float() * rope_inv_freq(self.config, self.model.layers[0].self_attn.head_dim, dev)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -1491,14 +1559,14 @@ class CausalLM(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
         config = load_config(folder)
+        require_config(config, folder, DECODER_SIZES, ("rms_norm_eps",))
         sd = load_state_dict(folder)
-        with torch.device("meta"):
-            model = cls(config)
+        model = build_on_meta(cls, config, folder)
         if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
             if sd["lm_head.weight"] is None:
                 del sd["lm_head.weight"]
-        _load_weights(model, sd, _dtype(dtype))
+        _load_weights(model, sd, _dtype(dtype), folder)
         if model.tied:  # loading with assign=True replaced the embedding Parameter: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()

@@ -306,13 +306,36 @@ DECODERS = {
         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
                       "original_max_position_embeddings": 16}),
     "mistral-window-3": dict(LLAMA, model_type="mistral", sliding_window=3),
+    # Gemma: tied by default, head_dim from the config and unequal to hidden/heads (as in 7B: 16 x 256 != 3072),
+    # one key/value head as in 2B; the original releases say "gelu" and mean the tanh approximation
+    "gemma-mqa-head-dim": dict(model_type="gemma", vocab_size=50, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64, hidden_act="gelu",
+                               hidden_activation="gelu_pytorch_tanh", eos_token_id=1, pad_token_id=0,
+                               bos_token_id=2),
+    "gemma-legacy-gelu": dict(model_type="gemma", vocab_size=50, hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6,
+                              rope_theta=500.0, hidden_act="gelu", tie_word_embeddings=True, eos_token_id=1,
+                              pad_token_id=0),
 }
+
+
+def is_gemma(c):
+    return c["model_type"] == "gemma"
+
+
+def tied(c):  # transformers' config defaults: Gemma ties its head to the embeddings, the Llama family does not
+    return c.get("tie_word_embeddings", is_gemma(c))
+
+
+def head_dim(c):
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
 def decoder_weights(c, seed=0):
     g = torch.Generator().manual_seed(seed)
     H, inner, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    hd = H // c["num_attention_heads"]
+    hd = head_dim(c)
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     biased = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} if c["model_type"] == "qwen2" else set()
     if c.get("attention_bias"):
@@ -320,8 +343,9 @@ def decoder_weights(c, seed=0):
     if c.get("mlp_bias"):
         biased |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     rnd = lambda *s: torch.randn(*s, generator=g) * (s[-1] ** -0.5 if len(s) == 2 else 0.3)  # noqa: E731
-    sd = {"model.embed_tokens.weight": torch.randn(V, H, generator=g), "model.norm.weight": 1 + rnd(H)}
-    if not c["tie_word_embeddings"]:
+    scale = 0 if is_gemma(c) else 1  # Gemma stores its norm scales as offsets from 1
+    sd = {"model.embed_tokens.weight": torch.randn(V, H, generator=g), "model.norm.weight": scale + rnd(H)}
+    if not tied(c):
         sd["lm_head.weight"] = rnd(V, H)
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -332,7 +356,7 @@ def decoder_weights(c, seed=0):
             sd[p + name + ".weight"] = rnd(*shape)
             if name in biased:
                 sd[p + name + ".bias"] = rnd(shape[0])
-        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = 1 + rnd(H), 1 + rnd(H)
+        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = scale + rnd(H), scale + rnd(H)
     return sd
 
 
@@ -356,12 +380,14 @@ def inv_freq_reference(c, hd):
 
 
 def decoder_reference(sd, c, ids, mask=None):
-    """float64 Llama-family forward: every (query, key) pair is allowed or not by explicit rules."""
+    """float64 Llama-family or Gemma forward: every (query, key) pair is allowed or not by explicit rules.
+    Gemma, from its paper and reference code: norms scale by (1 + w), embeddings are multiplied by
+    sqrt(hidden_size), the MLP is GeGLU with GELU's tanh form, the head is the embedding matrix."""
     w = {k: v.double() for k, v in sd.items()}
     B, T = ids.shape
     mask = torch.ones_like(ids) if mask is None else mask
     nh, nkv, H = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
-    hd = H // nh
+    hd, gemma = head_dim(c), is_gemma(c)
     inv = inv_freq_reference(c, hd)
     pos = torch.tensor([[sum(row[:j]) for j in range(T)] for row in mask.tolist()], dtype=torch.float64)
 
@@ -371,7 +397,12 @@ def decoder_reference(sd, c, ids, mask=None):
         return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
 
     def norm(x, name):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"]) * w[name]
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"]) * ((1 + w[name]) if gemma else w[name])
+
+    def act(g):
+        if gemma:
+            return 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        return g / (1 + torch.exp(-g))  # SiLU
 
     def lin(x, name):
         return x @ w[name + ".weight"].T + (w[name + ".bias"] if name + ".bias" in w else 0)
@@ -381,7 +412,7 @@ def decoder_reference(sd, c, ids, mask=None):
         for q in range(T):
             for k in range(q + 1):
                 allowed[b, q, k] = bool(mask[b, k]) and (not c.get("sliding_window") or q - k < c["sliding_window"])
-    x = w["model.embed_tokens.weight"][ids]
+    x = w["model.embed_tokens.weight"][ids] * (math.sqrt(H) if gemma else 1)
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = norm(x, p + "input_layernorm.weight")
@@ -393,12 +424,12 @@ def decoder_reference(sd, c, ids, mask=None):
         s = s.masked_fill(~allowed[:, None], -math.inf)
         a = torch.exp(s - s.amax(-1, keepdim=True))
         a = torch.nan_to_num(a / a.sum(-1, keepdim=True))  # rows of padding queries attend to nothing
-        y = torch.einsum("bhqk,bkhd->bqhd", a, v[:, :, kv_of]).reshape(B, T, H)
+        y = torch.einsum("bhqk,bkhd->bqhd", a, v[:, :, kv_of]).reshape(B, T, nh * hd)
         x = x + lin(y, p + "self_attn.o_proj")
         h = norm(x, p + "post_attention_layernorm.weight")
         g = lin(h, p + "mlp.gate_proj")
-        x = x + lin(g / (1 + torch.exp(-g)) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
-    head = w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
+        x = x + lin(act(g) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+    head = w["model.embed_tokens.weight"] if tied(c) else w["lm_head.weight"]
     return norm(x, "model.norm.weight") @ head.T
 
 
@@ -419,7 +450,7 @@ def test_causal_lm_matches_float64_reference(decoders, name):
     out = model(ids, mask)
     ref = decoder_reference(sd, c, ids, mask)
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()].float(), atol=2e-5, rtol=0)
-    if c["tie_word_embeddings"]:
+    if tied(c):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -474,6 +505,34 @@ def test_generation_stops_at_eos_per_row(decoders):
     assert got.tolist() == [r[:width] for r in expected] and got.shape[1] == width
     alone = model.generate(ids[:1], mask[:1], max_new_tokens=8, eos_token_id=eos)
     assert alone.tolist() == [greedy_reference(sd, c, prompts[0], 8, eos=eos)] and alone.shape[1] <= 3  # stops early
+
+
+def test_gemma_greedy_generation_equals_the_reference(decoders):
+    model, sd, c = decoders["gemma-mqa-head-dim"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3]]
+    ids = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
+    got = model.generate(ids, (ids != 0).long(), max_new_tokens=6, eos_token_id=[])
+    assert got.tolist() == [greedy_reference(sd, c, p, 6) for p in prompts]  # cached, left-padded == recomputed
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)  # heads x head_dim, not hidden
+
+
+def test_gemma_bf16_rounds_where_the_reference_does(tmp_path):
+    c = DECODERS["gemma-mqa-head-dim"]
+    model = P.CausalLM.from_pretrained(save_model(tmp_path / "g", c, decoder_weights(c)), dtype=torch.bfloat16)
+    seen = {}
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    ids = torch.tensor([[5, 9, 13]])
+    model(ids)
+    # the scale sqrt(32) = 5.6568... is itself rounded to bf16 (5.65625) before the product, as in transformers
+    scale = torch.tensor(5.65625, dtype=torch.bfloat16)
+    assert torch.equal(seen["x"], model.model.embed_tokens.weight[ids] * scale)
+    # the norm applies (1 + w) in fp32 and rounds once; rounding first (Llama's order) differs in bf16
+    x = torch.randn(4, 32).bfloat16()
+    norm = model.model.norm
+    h = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    once = (h * (1 + norm.weight.double())).to(torch.bfloat16)
+    assert (norm(x).double() - once.double()).abs().max() <= 2 ** -7 * once.double().abs().max()
+    assert not torch.equal(norm(x), h.to(torch.bfloat16) * (1 + norm.weight))
 
 
 def test_decoder_names_dtypes_and_config_errors(tmp_path, decoders):
@@ -969,6 +1028,53 @@ def test_a_crafted_pickle_checkpoint_is_refused_without_running_code(tmp_path):
     torch.save([torch.ones(2)], folder / "pytorch_model.bin")  # loads safely, but is no state dict
     with pytest.raises(ValueError, match="does not hold a state dict"):
         P.load_state_dict(folder)
+
+
+def test_loader_errors_name_the_file_and_the_problem(tmp_path):
+    c, sd = DECODERS["llama-gqa-untied"], decoder_weights(DECODERS["llama-gqa-untied"])
+
+    def folder_with(name, config=c, weights=sd):
+        return save_model(tmp_path / name, config, weights)
+
+    bad_configs = {"json": (b'{"model_type": "llama",', "is not valid JSON"),
+                   "utf8": (b'{"model_type": "llama\xff"}', "is not UTF-8 text"),
+                   "list": (b"[1, 2]", "holds a JSON list"),
+                   "missing": (json.dumps({k: v for k, v in c.items() if k != "hidden_size"}).encode(),
+                               "has no 'hidden_size'"),
+                   "string": (json.dumps(dict(c, num_hidden_layers="2")).encode(), "num_hidden_layers is '2'"),
+                   "heads": (json.dumps(dict(c, num_key_value_heads=3)).encode(),
+                             "num_attention_heads 4 is not a multiple of num_key_value_heads 3")}
+    for name, (text, problem) in bad_configs.items():
+        folder = folder_with(name)
+        (folder / "config.json").write_bytes(text)
+        with pytest.raises(ValueError, match=f"{re.escape(str(folder / 'config.json'))}.*{problem}"):
+            P.CausalLM.from_pretrained(folder)
+    wrong = dict(sd, **{"model.layers.1.self_attn.k_proj.weight": sd["model.layers.1.self_attn.k_proj.weight"].T})
+    folder = folder_with("shape", weights=wrong)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: model.layers.1.self_attn.k_proj.weight has "
+                                         r"shape \(32, 16\), its config.json implies \(16, 32\)"):
+        P.CausalLM.from_pretrained(folder)
+    folder = folder_with("truncated")
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder / 'model.safetensors'))}.*truncated"):
+        P.CausalLM.from_pretrained(folder)
+    folder = folder_with("index")
+    (folder / "model.safetensors").rename(folder / "shard.safetensors")
+    (folder / "model.safetensors.index.json").write_bytes(b"\xfe{}")
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder / 'model.safetensors.index.json'))} is not UTF-8"):
+        P.load_state_dict(folder)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ["shard.safetensors"]}')
+    with pytest.raises(ValueError, match="index.json has no weight_map object"):
+        P.load_state_dict(folder)
+    bert = save_model(tmp_path / "bert", {k: v for k, v in BERT.items() if k != "layer_norm_eps"},
+                      encoder_weights(BERT))
+    with pytest.raises(ValueError, match=f"{re.escape(str(bert / 'config.json'))} has no 'layer_norm_eps'"):
+        P.Encoder.from_pretrained(bert)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok/tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}}))
+    (tmp_path / "tok/tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'tok/tokenizer_config.json'))} is not UTF-8"):
+        P.Tokenizer.from_pretrained(tmp_path / "tok")
 
 
 def test_no_python_file_in_the_repo_unpickles_arbitrary_objects():
