@@ -1121,6 +1121,47 @@ def test_save_peft_lora_writes_the_peft_layout(tmp_path):
     P.save_peft_lora(adapter, tmp_path / "peft", overwrite=True)
 
 
+class HeadAdapter(FakeAdapter):
+    """An adapter handle as unilora's will be: LoRA factors plus config["keep_trainable"] (full module names) of
+    modules trained in full, found under adapter.root. The root mirrors train_glue's model: `encoder` + `classifier`."""
+
+    def __init__(self, keep=("classifier",)):
+        super().__init__()
+        self.loras = {"encoder." + n: ab for n, ab in self.loras.items()}
+        self.root = torch.nn.Module()
+        self.root.encoder = torch.nn.Linear(2, 2)
+        self.root.classifier = torch.nn.ModuleDict({"dense": torch.nn.Linear(16, 16),
+                                                   "out_proj": torch.nn.Linear(16, 3)})
+        self.config = {"r": 2, "keep_trainable": list(keep)}
+
+
+def test_save_peft_lora_exports_trained_modules_as_modules_to_save(tmp_path):
+    """PEFT saves a modules_to_save entry as the module's state dict under "<prefix><module>.<key>" (it strips
+    the wrapper's "modules_to_save.<adapter>." on save and adds it back on load: peft.utils.save_and_load). Checked
+    outside the project with peft 0.21.2 / transformers 5.24.0: PeftModel.from_pretrained of such an export onto a
+    fresh RobertaForSequenceClassification reproduces the trained model's logits (head included) within 5e-7, and
+    the export without the head fails there with a KeyError for base_model.model.classifier.dense.weight."""
+    adapter = HeadAdapter()
+    P.save_peft_lora(adapter, tmp_path / "peft", task_type="SEQ_CLS", rename={"encoder.": "roberta."})
+    tensors, _, _ = parse_by_hand(tmp_path / "peft/adapter_model.safetensors")
+    head = {f"base_model.model.classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    lora = {f"base_model.model.roberta.{n[len('encoder.'):]}.lora_{ab}.weight" for n in adapter.loras for ab in "AB"}
+    assert set(tensors) == head | lora
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.out_proj.weight"][1],
+                                  adapter.root.classifier.out_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.dense.bias"][1],
+                                  adapter.root.classifier.dense.bias.detach().numpy())
+    cfg = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"] and cfg["target_modules"] == ["query", "value"]
+    P.save_peft_lora(HeadAdapter(keep=()), tmp_path / "plain")  # nothing trained in full: nothing extra
+    assert json.loads((tmp_path / "plain/adapter_config.json").read_text())["modules_to_save"] is None
+    with pytest.raises(ValueError, match="'head' is not in the model"):
+        P.save_peft_lora(HeadAdapter(keep=("head",)), tmp_path / "bad")
+    with pytest.raises(ValueError, match="'encoder' is trained in full and also holds LoRA layers"):
+        P.save_peft_lora(HeadAdapter(keep=("encoder",)), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # a refused export writes nothing
+
+
 def test_a_trained_unilora_adapter_exports_as_an_equivalent_lora(tmp_path):
     import unilora
     torch.manual_seed(0)
