@@ -220,12 +220,15 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     atomic_write(path, write)
 
 
-def shard_names(index_path) -> list:
-    """The shard files a model.safetensors.index.json names, each checked to be a file inside its folder."""
+def read_index(index_path) -> dict:
+    """The weight_map (tensor name -> shard file) of a model.safetensors.index.json, every shard name checked to
+    be a file inside its folder."""
     weight_map = read_json(index_path, "model.safetensors.index.json").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no weight_map object (tensor name -> shard file)")
-    return sorted({check_file_name(shard, index_path) for shard in weight_map.values()})
+    for shard in weight_map.values():
+        check_file_name(shard, index_path)
+    return weight_map
 
 
 def load_bin(path) -> dict:
@@ -248,10 +251,13 @@ def load_state_dict(folder) -> dict:
         return load_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        sd = {}
-        for shard in shard_names(index):
-            sd.update(load_safetensors(folder / shard))
-        if missing := sorted(set(read_json(index)["weight_map"]) - set(sd)):
+        weight_map, sd = read_index(index), {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = load_safetensors(folder / shard)
+            if twice := sorted(sd.keys() & tensors.keys()):
+                raise ValueError(f"{folder / shard} holds tensors another shard of {index} holds too: {twice[:5]}")
+            sd.update(tensors)
+        if missing := sorted(set(weight_map) - set(sd)):
             raise ValueError(f"{index} lists tensors that no shard holds: {missing[:5]}")
         return sd
     if (folder / "pytorch_model.bin").is_file():
@@ -518,7 +524,7 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
             for filename in WEIGHT_FILES:  # 404 -> try the next format
                 if path := fetch(filename, optional=True):
                     if filename.endswith(".index.json"):
-                        for shard in shard_names(path):  # every name checked before the first shard is fetched
+                        for shard in sorted(set(read_index(path).values())):  # all names checked first
                             fetch(shard)
                     break
             else:

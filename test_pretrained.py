@@ -397,7 +397,8 @@ def decoder_reference(sd, c, ids, mask=None):
         return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
 
     def norm(x, name):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"]) * ((1 + w[name]) if gemma else w[name])
+        scale = 1 + w[name] if gemma else w[name]
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"]) * scale
 
     def act(g):
         if gemma:
@@ -678,6 +679,14 @@ def test_token_goes_to_the_hub_origin_only(hub, foreign, tmp_path, monkeypatch):
     assert [p for p, _, _, _ in foreign.log] == ["/data/test.jsonl", "/cdn/blob", "/cdn/tiny"]
     assert [a for _, _, a, _ in foreign.log] == [None, None, None]
     assert {a for _, _, a, _ in hub.log} == {"Bearer secret"}
+    # the token saved by `huggingface-cli login` is scoped the same way
+    monkeypatch.delenv("HF_TOKEN")
+    (tmp_path / "hf/token").write_text("saved\n")
+    hub.log.clear()
+    tiny_bert_repo(hub, "org/tiny2")
+    hub.redirect["/org/tiny2/resolve/main/model.safetensors"] = foreign.url + "/cdn/tiny"
+    P.resolve("org/tiny2")
+    assert {a for _, _, a, _ in hub.log} == {"Bearer saved"} and foreign.log[-1][2] is None
 
 
 def test_same_origin_compares_scheme_host_and_port():
@@ -1066,6 +1075,11 @@ def test_loader_errors_name_the_file_and_the_problem(tmp_path):
     (folder / "model.safetensors.index.json").write_text('{"weight_map": ["shard.safetensors"]}')
     with pytest.raises(ValueError, match="index.json has no weight_map object"):
         P.load_state_dict(folder)
+    (folder / "copy.safetensors").write_bytes((folder / "shard.safetensors").read_bytes())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "shard.safetensors", "lm_head.weight": "copy.safetensors"}}))
+    with pytest.raises(ValueError, match="copy.safetensors holds tensors another shard .* holds too"):
+        P.load_state_dict(folder)  # two shards with the same tensor: which one wins would be an accident
     bert = save_model(tmp_path / "bert", {k: v for k, v in BERT.items() if k != "layer_norm_eps"},
                       encoder_weights(BERT))
     with pytest.raises(ValueError, match=f"{re.escape(str(bert / 'config.json'))} has no 'layer_norm_eps'"):
