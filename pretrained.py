@@ -346,7 +346,7 @@ def download(url: str, dest, *, token=None, timeout: float = 60.0) -> Path:
         raise
     with resp:
         start = _resume_point(resp, url, part, tag, start, etag)
-        size, sha256 = _expected(resp, hops, start, url)
+        size, sha256 = _expected(resp, hops, url)
         if size is None and sha256 is None and not resp.chunked:
             _discard(part, tag)
             raise ConnectionError(f"{url}: the server states no length or checksum, so a cut-off transfer cannot be "
@@ -413,7 +413,7 @@ def _header_int(value, name, url):
     return int(value)
 
 
-def _expected(resp, hops, start, url):
+def _expected(resp, hops, url):
     """(size, sha256) the finished file must have, None where no header states it. Sizes come from the response
     (Content-Range total, else Content-Length); the hub's own headers add X-Linked-Size and the sha256 of LFS files
     (X-Linked-Etag, or an ETag of 64 hex digits). Other origins' X-/ETag headers mean something else, so are ignored."""
@@ -421,7 +421,7 @@ def _expected(resp, hops, start, url):
     if resp.status == 206:
         sizes.add(int(resp.headers["Content-Range"].rsplit("/", 1)[1]))
     elif resp.headers.get("Content-Length") is not None:
-        sizes.add(start + _header_int(resp.headers["Content-Length"], "Content-Length", url))
+        sizes.add(_header_int(resp.headers["Content-Length"], "Content-Length", url))  # a 200: the whole file
     for hop_url, headers in [*hops, (resp.url, resp.headers)]:
         if not same_origin(hop_url, hub_endpoint()):
             continue
@@ -1234,10 +1234,10 @@ ENCODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def head_count_check(c: dict, head_dim_key=None):
+def head_count_check(c: dict):
     """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly."""
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if not (head_dim_key and c.get(head_dim_key)) and c["hidden_size"] % heads:
+    if not c.get("head_dim") and c["hidden_size"] % heads:
         raise ValueError(f"hidden_size {c['hidden_size']} is not a multiple of num_attention_heads {heads}")
     if type(kv) is not int or kv <= 0 or heads % kv:
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
@@ -1488,7 +1488,7 @@ class CausalLM(nn.Module):
                              f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
         if kind == "qwen2" and c.get("use_sliding_window"):
             raise ValueError("Qwen2 with use_sliding_window=true is not supported")
-        head_count_check(c, "head_dim")
+        head_count_check(c)
         self.config = config
         self.window = c.get("sliding_window") if kind == "mistral" else None
         self.embed_scale = c["hidden_size"] ** 0.5 if gemma else None
