@@ -1,4 +1,4 @@
-"""Pretrained Hugging Face models without `transformers`: checkpoint files, hub downloads, BERT/RoBERTa, Llama.
+"""Pretrained Hugging Face models without `transformers`: checkpoint files, hub downloads, BERT/RoBERTa, Llama, Gemma.
 
 Why this file exists: the project may depend only on torch, numpy and tqdm, yet its two training scripts
 fine-tune real Hugging Face checkpoints (RoBERTa-style encoders on GLUE, Llama-family decoders on math).
@@ -6,11 +6,12 @@ This one module replaces the parts of `transformers`, `tokenizers`, `safetensors
 that they need:
 
   files   - config.json, our own safetensors reader/writer, sharded indexes, pytorch_model.bin
-  hub     - resolve("FacebookAI/roberta-base") -> a local folder (download once, resumable, cached, offline reuse)
+  hub     - resolve("FacebookAI/roberta-base") -> a local folder (download once, resumable, verified, cached, offline
+            reuse; the token goes to the hub's own origin only)
   tokens  - Tokenizer.from_pretrained(folder): tokenizer.json read exactly like `tokenizers` (WordPiece,
             byte-level BPE, SentencePiece-style BPE; added tokens, pair templates, truncation, decode)
   encoder - BERT / RoBERTa returning hidden states             (Encoder.from_pretrained)
-  decoder - Llama / Mistral / Qwen2 / SmolLM with a KV cache    (CausalLM.from_pretrained, greedy generate)
+  decoder - Llama / Mistral / Qwen2 / SmolLM / Gemma, KV cache  (CausalLM.from_pretrained, greedy generate)
   export  - save_peft_lora: a trained adapter as a PEFT LoRA folder that loads onto the transformers model
 
 Module and parameter names are Hugging Face's (`encoder.layer.0.attention.self.query`,

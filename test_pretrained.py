@@ -18,6 +18,7 @@ import re
 import socket
 import struct
 import threading
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -688,6 +689,9 @@ def test_token_goes_to_the_hub_origin_only(hub, foreign, tmp_path, monkeypatch):
     hub.redirect["/org/tiny2/resolve/main/model.safetensors"] = foreign.url + "/cdn/tiny"
     P.resolve("org/tiny2")
     assert {a for _, _, a, _ in hub.log} == {"Bearer saved"} and foreign.log[-1][2] is None
+    hub.redirect["/org/m/resolve/main/x.bin"] = "ftp://127.0.0.1/x.bin"  # only http(s) redirects are followed
+    with pytest.raises(urllib.error.HTTPError, match="non-HTTP URL refused"):
+        P.download(hub.url + "/org/m/resolve/main/x.bin", tmp_path / "x", token="secret")
 
 
 def test_same_origin_compares_scheme_host_and_port():
