@@ -1,4 +1,4 @@
-"""Pretrained Hugging Face models without `transformers`: checkpoint files, hub downloads, BERT/RoBERTa, Llama.
+"""Pretrained Hugging Face models without `transformers`: checkpoint files, hub downloads, BERT/RoBERTa, Llama, Gemma.
 
 Why this file exists: the project may depend only on torch, numpy and tqdm, yet its two training scripts
 fine-tune real Hugging Face checkpoints (RoBERTa-style encoders on GLUE, Llama-family decoders on math).
@@ -6,11 +6,12 @@ This one module replaces the parts of `transformers`, `tokenizers`, `safetensors
 that they need:
 
   files   - config.json, our own safetensors reader/writer, sharded indexes, pytorch_model.bin
-  hub     - resolve("FacebookAI/roberta-base") -> a local folder (download once, resumable, cached, offline reuse)
+  hub     - resolve("FacebookAI/roberta-base") -> a local folder (download once, resumable, verified, cached, offline
+            reuse; the token goes to the hub's own origin only)
   tokens  - Tokenizer.from_pretrained(folder): tokenizer.json read exactly like `tokenizers` (WordPiece,
             byte-level BPE, SentencePiece-style BPE; added tokens, pair templates, truncation, decode)
   encoder - BERT / RoBERTa returning hidden states             (Encoder.from_pretrained)
-  decoder - Llama / Mistral / Qwen2 / SmolLM with a KV cache    (CausalLM.from_pretrained, greedy generate)
+  decoder - Llama / Mistral / Qwen2 / SmolLM / Gemma, KV cache  (CausalLM.from_pretrained, greedy generate)
   export  - save_peft_lora: a trained adapter as a PEFT LoRA folder that loads onto the transformers model
 
 Module and parameter names are Hugging Face's (`encoder.layer.0.attention.self.query`,
@@ -23,6 +24,7 @@ once every file of a default fetch is in place, so later calls need no network a
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -45,18 +47,57 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------- files
+# Every name, size and offset read from a file or a server is checked before it is used: a crafted checkpoint or
+# index must end in a ValueError that names the file, never in a huge allocation, a write outside the model folder
+# or code run by an unpickler.
 
 # Weights are F32/F16/BF16; the integer types are for buffers real checkpoints carry (e.g. BERT's I64 position_ids).
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # a real header is kilobytes; more means a corrupt file or not a safetensors file
+
+
+def read_json(path, what="JSON file") -> dict:
+    """A JSON object from a file; bad bytes, bad JSON or another top-level type -> ValueError naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); a {what} must be UTF-8 JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the {what} from its source") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object a {what} must be")
+    return obj
 
 
 def load_config(folder) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model folder needs the config.json that came with its weights")
-    return json.loads(path.read_text())
+    return read_json(path, "config.json")
+
+
+def require_config(config: dict, folder, sizes=(), keys=()) -> None:
+    """Fail before building a model when config.json lacks a key or a size is not a positive integer."""
+    for key in (*sizes, *keys):
+        if key not in config:
+            raise ValueError(f"{Path(folder) / 'config.json'} has no {key!r}; is it the config.json of this model?")
+    for key in sizes:
+        if type(config[key]) is not int or config[key] <= 0:
+            raise ValueError(f"{Path(folder) / 'config.json'}: {key} is {config[key]!r}, not a positive integer")
+
+
+def check_file_name(name, source) -> str:
+    """A file name that came from a server or an index must be a relative path that stays inside its folder:
+    otherwise `folder / name` could be any file the user can write (an absolute path, '..', a drive letter)."""
+    bad = (not isinstance(name, str) or not name or "\0" in name or "\\" in name or name.startswith("/")
+           or re.match(r"[A-Za-z]:", name) or any(part in ("", ".", "..") for part in name.split("/")))
+    if bad:
+        raise ValueError(f"{source}: refusing file name {name!r}; only relative paths inside the model folder are "
+                         "allowed (no absolute paths, '..', empty parts, backslashes or drive letters)")
+    return name
 
 
 def atomic_write(path, write):
@@ -82,31 +123,77 @@ def _umask() -> int:
     return mask
 
 
+def _no_duplicates(pairs):
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names in the header: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _safetensors_header(f, path, file_size) -> tuple[int, dict]:
+    """(header length, header) of an open safetensors file, its length checked against the file's size first."""
+    if file_size < 8:
+        raise ValueError(f"{path} is not a safetensors file: {file_size} bytes, too short for the header length")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(file_size - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"{path} is not a safetensors file, or truncated: its header claims {n} bytes, the file "
+                         f"has {file_size - 8} after the length field")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, duplicate names, absurd nesting
+        raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    return n, header
+
+
+def _tensor_entry(name, info, path, data_size) -> tuple:
+    """(begin, end, dtype, shape) of one header entry, each field checked: nothing is allocated from an unchecked
+    size, so a few hundred crafted bytes can never claim gigabytes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"{where} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype}; this reader supports only {', '.join(SAFETENSORS_DTYPES)}. "
+                         "Convert the checkpoint to one of those first.")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{where} has data_offsets {offsets!r}; they must be [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise ValueError(f"{where} ends at byte {end} of the data, which has only {data_size} bytes: the file is "
+                         "truncated or corrupt; download it again")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"{where} spans {end - begin} bytes, its shape {shape} needs {nbytes}")
+    return begin, end, SAFETENSORS_DTYPES[dtype], shape
+
+
 def load_safetensors(path) -> dict:
-    """Read a .safetensors file: u64 little-endian header size, a JSON header, then raw little-endian tensor bytes."""
+    """Read a .safetensors file: u64 little-endian header size, a JSON header, then raw little-endian tensor bytes.
+    Every malformed file raises a ValueError naming it, before any tensor memory is allocated."""
     assert sys.byteorder == "little", "safetensors data is little-endian; big-endian hosts are not supported"
     path, tensors = Path(path), {}
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:  # a real header is kilobytes; this guards against reading a non-safetensors file whole
-            raise ValueError(f"{path} is not a safetensors file (header size {n})")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # read sequentially
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; this reader supports only "
-                                 f"{', '.join(SAFETENSORS_DTYPES)}. Convert the checkpoint to one of those first.")
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * dtype.itemsize
-            if end - begin != nbytes:
-                raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {nbytes}")
+        file_size = os.fstat(f.fileno()).st_size
+        n, header = _safetensors_header(f, path, file_size)
+        if not isinstance(header.pop("__metadata__", {}), dict):
+            raise ValueError(f"{path}: __metadata__ in the safetensors header is not an object")
+        entries = sorted(((_tensor_entry(name, info, path, file_size - 8 - n), name) for name, info in header.items()),
+                         key=lambda e: e[0][:2])
+        for ((_, end, _, _), name), ((begin, _, _, _), other) in zip(entries, entries[1:]):
+            if begin < end:
+                raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the data section")
+        for (begin, end, dtype, shape), name in entries:  # in file order: one sequential read
             f.seek(8 + n + begin)
-            buf = bytearray(nbytes)  # one writable buffer per tensor: tensors own their memory, no warning
-            if f.readinto(buf) != nbytes:
+            buf = bytearray(end - begin)  # one writable buffer per tensor: tensors own their memory, no warning
+            if f.readinto(buf) != len(buf):
                 raise ValueError(f"{path} is truncated (tensor {name!r}); download it again")
-            t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-            tensors[name] = t.reshape(info["shape"])
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            tensors[name] = t.reshape(shape)
     return tensors
 
 
@@ -134,6 +221,30 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     atomic_write(path, write)
 
 
+def read_index(index_path) -> dict:
+    """The weight_map (tensor name -> shard file) of a model.safetensors.index.json, every shard name checked to
+    be a file inside its folder."""
+    weight_map = read_json(index_path, "model.safetensors.index.json").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map object (tensor name -> shard file)")
+    for shard in weight_map.values():
+        check_file_name(shard, index_path)
+    return weight_map
+
+
+def load_bin(path) -> dict:
+    """pytorch_model.bin is a pickle: weights_only=True lets torch rebuild tensors and plain containers and
+    refuses anything else, so a crafted file cannot run code on load."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused pickle, truncated or non-zip file: torch's many error types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a plain tensor checkpoint ({first_line}); it was not loaded") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
 def load_state_dict(folder) -> dict:
     """All weights of a checkpoint folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
     folder = Path(folder)
@@ -141,15 +252,17 @@ def load_state_dict(folder) -> dict:
         return load_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        sd = {}
+        weight_map, sd = read_index(index), {}
         for shard in sorted(set(weight_map.values())):
-            sd.update(load_safetensors(folder / shard))
+            tensors = load_safetensors(folder / shard)
+            if twice := sorted(sd.keys() & tensors.keys()):
+                raise ValueError(f"{folder / shard} holds tensors another shard of {index} holds too: {twice[:5]}")
+            sd.update(tensors)
         if missing := sorted(set(weight_map) - set(sd)):
             raise ValueError(f"{index} lists tensors that no shard holds: {missing[:5]}")
         return sd
-    if (folder / "pytorch_model.bin").is_file():  # weights_only: a .bin is a pickle, never run its code
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (folder / "pytorch_model.bin").is_file():
+        return load_bin(folder / "pytorch_model.bin")
     raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
                             "with its shards, or pytorch_model.bin")
 
@@ -181,60 +294,210 @@ def cache_root(cache_dir=None) -> Path:
     return Path(home).expanduser() / "unilora"
 
 
+def same_origin(url: str, other: str) -> bool:
+    """Equal scheme, host and port: the unit a credential belongs to (the hub's CDN is another origin)."""
+    def origin(u):
+        s = urllib.parse.urlsplit(u)
+        try:
+            port = s.port
+        except ValueError:  # a malformed port matches nothing
+            return None
+        return s.scheme.lower(), (s.hostname or "").lower(), port or {"http": 80, "https": 443}.get(s.scheme.lower())
+    return origin(url) is not None and origin(url) == origin(other)
+
+
+class _ScopedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows http(s) redirects, re-attaching the token only while they stay on the hub's origin, and keeps each
+    redirect's URL and headers: the hub states an LFS file's size and sha256 on its redirect to the CDN."""
+
+    def __init__(self):
+        self.hops = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-HTTP URL refused: {newurl}", headers, fp)
+        self.hops.append((req.full_url, headers))
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")  # unredirected: urllib itself never forwards it
+        if new is not None and auth and same_origin(newurl, hub_endpoint()):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
 def download(url: str, dest, *, token=None, timeout: float = 60.0) -> Path:
-    """Fetch url to dest unless dest exists. Resumes dest.incomplete with an HTTP Range request; renames at the end."""
+    """Fetch url to dest unless dest exists; verified, then renamed into place, so dest is always a complete file.
+
+    The token goes only to the hub's own origin (HF_ENDPOINT), whatever URL it is passed with. An interrupted
+    download stays in dest.incomplete and is resumed only with If-Range on the ETag it came from, so a remote file
+    that changed in between is fetched again from zero instead of being mixed with the old bytes. The result must
+    have every size the server states (Content-Length, Content-Range, the hub's X-Linked-Size) and the sha256 the
+    hub states for LFS files; a body whose end cannot be checked at all is refused."""
     dest = Path(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".incomplete")
-    start = part.stat().st_size if part.exists() else 0
+    part, tag = dest.with_name(dest.name + ".incomplete"), dest.with_name(dest.name + ".incomplete.etag")
+    start, etag = _resumable(part, tag)
+    try:
+        resp, hops = _request(url, token, start, etag, timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # range not satisfiable: the partial is no prefix of the file; start over
+            _discard(part, tag)
+            return download(url, dest, token=token, timeout=timeout)
+        raise
+    with resp:
+        start = _resume_point(resp, url, part, tag, start, etag)
+        size, sha256 = _expected(resp, hops, url)
+        if size is None and sha256 is None and not resp.chunked:
+            _discard(part, tag)
+            raise ConnectionError(f"{url}: the server states no length or checksum, so a cut-off transfer cannot be "
+                                  "told apart from a complete one; refusing it. Fetch the file another way and pass "
+                                  "its local path.")
+        _remember_etag(resp, tag)
+        _receive(resp, part, tag, start, size, url, dest.name)
+    _verify(part, tag, size, sha256, url)
+    os.replace(part, dest)
+    tag.unlink(missing_ok=True)
+    return dest
+
+
+def _discard(part: Path, tag: Path):
+    part.unlink(missing_ok=True)
+    tag.unlink(missing_ok=True)
+
+
+def _resumable(part: Path, tag: Path):
+    """(bytes already here, the ETag they came from); (0, None) when a partial cannot be safely continued."""
+    etag = tag.read_text().strip() if tag.is_file() else ""
+    if part.is_file() and part.stat().st_size and etag:
+        return part.stat().st_size, etag
+    _discard(part, tag)  # without its ETag, nothing proves the rest of the file is the same version
+    return 0, None
+
+
+def _request(url, token, start, etag, timeout):
     req = urllib.request.Request(url, headers={"User-Agent": "unilora-pretrained"})
     if start:
         req.add_header("Range", f"bytes={start}-")
-    if token:  # unredirected: the hub redirects big files to a CDN, which must not receive the token
+        req.add_header("If-Range", etag)  # the server sends the whole file (200) if it is no longer this version
+    if token and same_origin(url, hub_endpoint()):
         req.add_unredirected_header("Authorization", f"Bearer {token}")
+    redirects = _ScopedRedirects()
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # range not satisfiable: the partial file is stale, start over
-            part.unlink()
-            return download(url, dest, token=token, timeout=timeout)
+        return urllib.request.build_opener(redirects).open(req, timeout=timeout), redirects.hops
+    except urllib.error.HTTPError:
         raise
     except OSError as e:  # URLError, refused connection, timeout, DNS
         raise ConnectionError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
-    with resp:
-        if resp.status != 206:  # the server ignored our Range: it sends the whole file
-            start = 0
-        size = resp.headers.get("Content-Length")
-        total = start + int(size) if size is not None else None
-        try:
-            with open(part, "ab" if start else "wb") as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
-                                                                unit_divisor=1024, desc=dest.name, disable=None) as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        except (OSError, HTTPException) as e:
-            raise ConnectionError(f"download of {url} broke off ({e}); run again to resume from {part}") from e
-    if total is not None and part.stat().st_size != total:
-        raise ConnectionError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; "
-                              f"run again to resume from {part}")
-    os.replace(part, dest)
-    return dest
+
+
+def _resume_point(resp, url, part, tag, start, etag) -> int:
+    """Where the response's bytes go: 0 for a whole file, `start` for a 206 whose Content-Range says exactly that."""
+    if resp.status != 206:
+        if start:
+            print(f"{url} changed since the partial download (or the server ignores ranges): starting over",
+                  file=sys.stderr)
+        return 0
+    rng = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", resp.headers.get("Content-Range", "").strip())
+    if not start or not rng or int(rng[1]) != start or int(rng[2]) != int(rng[3]) - 1 or \
+            resp.headers.get("ETag", etag) != etag:
+        _discard(part, tag)
+        raise ConnectionError(f"{url}: asked for bytes {start}- of version {etag}, the server sent Content-Range "
+                              f"{resp.headers.get('Content-Range')!r} (ETag {resp.headers.get('ETag')}); the partial "
+                              "download was discarded, run again to start over")
+    return start
+
+
+def _header_int(value, name, url):
+    if not re.fullmatch(r"\s*\d+\s*", value):
+        raise ConnectionError(f"{url}: the server sent an invalid {name} header {value!r}")
+    return int(value)
+
+
+def _expected(resp, hops, url):
+    """(size, sha256) the finished file must have, None where no header states it. Sizes come from the response
+    (Content-Range total, else Content-Length); the hub's own headers add X-Linked-Size and the sha256 of LFS files
+    (X-Linked-Etag, or an ETag of 64 hex digits). Other origins' X-/ETag headers mean something else, so are ignored."""
+    sizes, shas = set(), set()
+    if resp.status == 206:
+        sizes.add(int(resp.headers["Content-Range"].rsplit("/", 1)[1]))
+    elif resp.headers.get("Content-Length") is not None:
+        sizes.add(_header_int(resp.headers["Content-Length"], "Content-Length", url))  # a 200: the whole file
+    for hop_url, headers in [*hops, (resp.url, resp.headers)]:
+        if not same_origin(hop_url, hub_endpoint()):
+            continue
+        if headers.get("X-Linked-Size") is not None:
+            sizes.add(_header_int(headers["X-Linked-Size"], "X-Linked-Size", url))
+        for value in (headers.get("X-Linked-Etag"), headers.get("ETag")):
+            if value and (m := re.fullmatch(r'\s*(?:W/)?"?([0-9a-fA-F]{64})"?\s*', value)):
+                shas.add(m[1].lower())
+    if len(sizes) > 1 or len(shas) > 1:
+        raise ConnectionError(f"{url}: the server's headers contradict each other (sizes {sorted(sizes)}, sha256 "
+                              f"{sorted(shas)}); refusing the download")
+    return next(iter(sizes), None), next(iter(shas), None)
+
+
+def _remember_etag(resp, tag: Path):
+    """Keep the ETag next to the partial file: the only safe way to resume it later. Weak ETags cannot be used in
+    If-Range, so without a strong one an interrupted download starts over."""
+    etag = (resp.headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):
+        atomic_write(tag, lambda f: f.write(etag.encode()))
+    else:
+        tag.unlink(missing_ok=True)
+
+
+def _receive(resp, part: Path, tag: Path, start, size, url, label):
+    try:
+        with open(part, "ab" if start else "wb") as f, tqdm(total=size, initial=start, unit="B", unit_scale=True,
+                                                            unit_divisor=1024, desc=label, disable=None) as bar:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+                if size is not None and f.tell() > size:
+                    break  # _verify reports it; an endless body must not fill the disk
+    except (OSError, HTTPException) as e:  # a cut connection (chunked bodies raise IncompleteRead), a timeout
+        raise ConnectionError(f"download of {url} broke off ({e!r}); run again to resume from {part}") from e
+
+
+def _verify(part: Path, tag: Path, size, sha256, url):
+    got = part.stat().st_size
+    if size is not None and got < size:  # the partial is kept (with its ETag) and resumed by the next call
+        raise ConnectionError(f"download of {url} stopped at {got} of {size} bytes; run again to resume from {part}")
+    if size is not None and got > size:
+        _discard(part, tag)
+        raise ConnectionError(f"download of {url} sent {got} bytes where its headers state {size}; it was discarded, "
+                              "run again")
+    if sha256 is not None and (actual := _sha256(part)) != sha256:
+        _discard(part, tag)
+        raise ConnectionError(f"download of {url} has sha256 {actual}, the hub states {sha256}; it was discarded. "
+                              "Run again; if it repeats, something between you and the hub alters the file.")
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None, token=None) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded once into the cache and reused offline.
 
     files=None fetches config.json, the weights (model.safetensors, else the sharded index and its shards, else
-    pytorch_model.bin) and the tokenizer/generation files the repo has. A list fetches exactly those files."""
+    pytorch_model.bin) and the tokenizer/generation files the repo has. A list fetches exactly those files.
+    Every file name (given, or read from the index) must be a relative path inside the model folder."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
     repo = str(name_or_path)
-    if not REPO_ID.fullmatch(repo) or ".." in repo or ".." in revision:
+    if not REPO_ID.fullmatch(repo) or ".." in repo:
         raise FileNotFoundError(f"{repo!r} is neither an existing folder nor a hub repo id like "
                                 "'FacebookAI/roberta-base'")
+    check_file_name(revision, "revision")
+    for filename in files or ():
+        check_file_name(filename, "resolve(files=...)")
     folder = cache_root(cache_dir) / repo.replace("/", "--") / revision.replace("/", "--")
     token = hub_token(token)
 
@@ -262,7 +525,7 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
             for filename in WEIGHT_FILES:  # 404 -> try the next format
                 if path := fetch(filename, optional=True):
                     if filename.endswith(".index.json"):
-                        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                        for shard in sorted(set(read_index(path).values())):  # all names checked first
                             fetch(shard)
                     break
             else:
@@ -271,22 +534,37 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
                 fetch(filename, optional=True)
             (folder / ".complete").touch()
     except ConnectionError as e:
-        raise ConnectionError(f"{e}\nThe hub is unreachable and the cache {folder} has no complete copy of {repo}. "
+        raise ConnectionError(f"{e}\nIf the hub is unreachable: the cache {folder} has no complete copy of {repo}. "
                               "Without network, copy the model files (config.json, model.safetensors, tokenizer.json, "
                               "...) into a folder and pass its path instead of the repo id, e.g. "
                               "Encoder.from_pretrained('/path/to/roberta-base').") from e
     return folder
 
 
-def _load_weights(model: nn.Module, sd: dict, dtype):
-    """Strict load into a model built on the meta device: every parameter must come from the checkpoint."""
+def _load_weights(model: nn.Module, sd: dict, dtype, folder):
+    """Strict load into a model built on the meta device: every parameter must come from the checkpoint, in the
+    shape config.json implies."""
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}  # derived buffers
-    expected = model.state_dict().keys()
+    expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing keys {missing[:10]}, "
+        raise ValueError(f"checkpoint in {folder} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
                          f"unexpected keys {unexpected[:10]}. Is it the right model folder?")
+    for name, t in expected.items():
+        if sd[name].shape != t.shape:
+            raise ValueError(f"checkpoint in {folder}: {name} has shape {tuple(sd[name].shape)}, its config.json "
+                             f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+
+
+def build_on_meta(cls, config, folder, **kwargs):
+    """cls(config) on the meta device: no memory and no random init, since every parameter comes from the
+    checkpoint. A config the model refuses is named by its file."""
+    try:
+        with torch.device("meta"):
+            return cls(config, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / 'config.json'}: {e}") from None
 
 
 def _dtype(dtype):
@@ -836,7 +1114,7 @@ class Tokenizer:
         tok = cls.from_file(folder / "tokenizer.json")
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in transformers
             path = folder / name
-            for key, val in (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}).items():
+            for key, val in (read_json(path, name) if path.is_file() else {}).items():
                 if key.endswith("_token") and val and isinstance(val, (str, dict)):
                     tok.special_tokens[key[:-6]] = val["content"] if isinstance(val, dict) else val
         for role in ("pad", "bos", "eos"):
@@ -952,6 +1230,20 @@ def gelu_tanh(x):
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 
 
+ENCODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")
+DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def head_count_check(c: dict):
+    """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly."""
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise ValueError(f"hidden_size {c['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if type(kv) is not int or kv <= 0 or heads % kv:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+
 class EncoderLayer(nn.Module):
     """Post-LayerNorm transformer block, nested exactly like Hugging Face's BertLayer (hence `attention.self`)."""
 
@@ -1000,6 +1292,7 @@ class Encoder(nn.Module):
                              "(only absolute)")
         if c["hidden_act"] not in ACTIVATIONS:
             raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
+        head_count_check(c)
         self.config, self.roberta = config, c["model_type"] == "roberta"
         self.embeddings = nn.ModuleDict({
             "word_embeddings": embedding(c["vocab_size"], H, padding_idx=c.get("pad_token_id")),
@@ -1037,6 +1330,8 @@ class Encoder(nn.Module):
         if config.get("model_type") not in ("bert", "roberta"):
             raise ValueError(f"{folder}: model_type {config.get('model_type')!r} is not supported by Encoder "
                              "(supported: bert, roberta)")
+        require_config(config, folder, ENCODER_SIZES, ("hidden_act", "layer_norm_eps")
+                       + (("pad_token_id",) if config["model_type"] == "roberta" else ()))
         sd = load_state_dict(folder)
         prefix = config["model_type"] + "."
         if any(k.startswith(prefix) for k in sd):  # a *ForMaskedLM/*ForPreTraining checkpoint: keep the base model,
@@ -1044,9 +1339,8 @@ class Encoder(nn.Module):
         # very old BERT checkpoints name LayerNorm parameters gamma/beta
         sd = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
               for k, v in sd.items()}
-        with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
-            model = cls(config, pooler="pooler.dense.weight" in sd)
-        _load_weights(model, sd, _dtype(dtype))
+        model = build_on_meta(cls, config, folder, pooler="pooler.dense.weight" in sd)
+        _load_weights(model, sd, _dtype(dtype), folder)
         return model.eval()
 
 # --------------------------------------------------------------------------------------------------------- decoder
@@ -1057,10 +1351,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
-    def forward(self, x):  # the mean of squares in fp32 even for bf16 activations, as the reference models do
+    def normalized(self, x):  # the mean of squares in fp32 even for bf16 activations, as the reference models do
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self.weight * self.normalized(x).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma stores the scale as an offset from 1 (so it starts at 0) and applies it in fp32 before casting back,
+    where Llama casts first: in bf16 the two round differently, so each model gets its own."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def rope_inv_freq(config: dict, head_dim: int, device=None):
@@ -1129,53 +1437,74 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):  # SwiGLU
-    def __init__(self, c, bias):
+class MLP(nn.Module):  # gated: SwiGLU (Llama family) or GeGLU (Gemma)
+    def __init__(self, c, bias, act):
         super().__init__()
         H, inner = c["hidden_size"], c["intermediate_size"]
         self.gate_proj, self.up_proj = nn.Linear(H, inner, bias=bias), nn.Linear(H, inner, bias=bias)
         self.down_proj = nn.Linear(inner, H, bias=bias)
+        self.act = act
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c, qkv_bias, o_bias, mlp_bias):
+    def __init__(self, c, qkv_bias, o_bias, mlp_bias, act, norm):
         super().__init__()
-        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias)
-        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
-        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias, act)
+        self.input_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
 
     def forward(self, x, cos, sin, mask, cache, i):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def gemma_activation(c: dict) -> str:
+    """Gemma's MLP activation: hidden_activation where the config has it, else hidden_act. The original releases
+    say "gelu" but were trained with the tanh approximation, so transformers reads "gelu" as tanh; so do we."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
 class CausalLM(nn.Module):
-    """Llama-family causal LM (llama, mistral, qwen2; SmolLM is llama). forward -> logits (B, T, V)."""
+    """Llama-family causal LM (llama, mistral, qwen2; SmolLM is llama) and Gemma. forward -> logits (B, T, V).
+
+    Gemma differs in four places: RMSNorm scales by (1 + w) in fp32, the embeddings are multiplied by
+    sqrt(hidden_size) (rounded to the activations' dtype, as the reference does), the MLP is GeGLU with the tanh
+    GELU, and the head is tied to the embeddings unless the config says otherwise. head_dim comes from the config
+    (256 for Gemma-7B, where 16 heads x 256 != hidden 3072)."""
 
     def __init__(self, config: dict):
         super().__init__()
         c, kind = config, config.get("model_type")
-        if kind not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2)")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (Llama-family models use silu)")
+        if kind not in ("llama", "mistral", "qwen2", "gemma"):
+            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2, "
+                             "gemma)")
+        gemma = kind == "gemma"
+        act = gemma_activation(c) if gemma else c.get("hidden_act", "silu")
+        if act not in (ACTIVATIONS if gemma else ("silu",)):
+            raise ValueError(f"hidden_act {act!r} is not supported for {kind} "
+                             f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
         if kind == "qwen2" and c.get("use_sliding_window"):
             raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        head_count_check(c)
         self.config = config
         self.window = c.get("sliding_window") if kind == "mistral" else None
+        self.embed_scale = c["hidden_size"] ** 0.5 if gemma else None
         bias = c.get("attention_bias", False)  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
         qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
+        norm = GemmaRMSNorm if gemma else RMSNorm
         rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
         self.model = nn.Module()
         self.model.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
-        self.model.layers = nn.ModuleList(DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False))
-                                          for _ in range(c["num_hidden_layers"]))
-        self.model.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False), ACTIVATIONS[act], norm)
+            for _ in range(c["num_hidden_layers"]))
+        self.model.norm = norm(c["hidden_size"], c["rms_norm_eps"])
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
-        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.tied = bool(c.get("tie_word_embeddings", gemma))  # transformers' defaults: Gemma tied, the others not
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -1193,6 +1522,8 @@ class CausalLM(nn.Module):
         # positions count real tokens only, so a left-padded row starts at 0 just like the same row unpadded
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.model.embed_tokens(input_ids)
+        if self.embed_scale:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         freqs = pos[..., None].float() * rope_inv_freq(self.config, self.model.layers[0].self_attn.head_dim, dev)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -1235,14 +1566,14 @@ class CausalLM(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
         config = load_config(folder)
+        require_config(config, folder, DECODER_SIZES, ("rms_norm_eps",))
         sd = load_state_dict(folder)
-        with torch.device("meta"):
-            model = cls(config)
+        model = build_on_meta(cls, config, folder)
         if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
             if sd["lm_head.weight"] is None:
                 del sd["lm_head.weight"]
-        _load_weights(model, sd, _dtype(dtype))
+        _load_weights(model, sd, _dtype(dtype), folder)
         if model.tied:  # loading with assign=True replaced the embedding Parameter: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
@@ -1415,30 +1746,58 @@ def copy_from_main(params: list, ranks: Ranks) -> None:
 
 
 def save_peft_lora(adapter, folder, *, base_model_name_or_path=None, prefix="base_model.model.", task_type=None,
-                   overwrite=False):
-    """Write adapter.lora_state_dict() as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json).
-    lora_alpha = r, so PEFT's scale alpha/r is 1 and its delta is exactly B @ A. prefix + module name must be
-    the module's name inside the PEFT model: e.g. "base_model.model.roberta." when our Encoder's weights were
-    adapted and the target is RobertaForSequenceClassification."""
+                   rename=None, overwrite=False):
+    """Write a trained adapter as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json).
+
+    The LoRA factors come from adapter.lora_state_dict(), with lora_alpha = r, so PEFT's scale alpha/r is 1 and its
+    delta is exactly B @ A. The modules trained in full (adapter.config["keep_trainable"], e.g. a classifier head)
+    are exported as PEFT's modules_to_save: their state dicts under "<prefix><module>.<key>", the layout PEFT's own
+    loader maps back into its ModulesToSaveWrapper. Each module name becomes prefix + name, after `rename` replaced
+    a leading part of it, so that it is the module's name inside the PEFT model: e.g. prefix "base_model.model."
+    and rename={"encoder.": "roberta."} when a model holding our Encoder as `encoder` and a head as `classifier` is
+    exported onto RobertaForSequenceClassification."""
     existing = [n for n in ("adapter_model.safetensors", "adapter_config.json") if (Path(folder) / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds {', '.join(existing)}; pass overwrite=True to replace them")
     loras = adapter.lora_state_dict()
     if not loras:
         raise ValueError("the adapter has no LoRA modules to export")
-    r = adapter.config.get("r") if hasattr(adapter, "config") else None
-    tensors = {}
+    config = getattr(adapter, "config", {})
+    r, tensors = config.get("r"), {}
+
+    def target_name(name):
+        for old, new in (rename or {}).items():
+            if name.startswith(old):
+                return prefix + new + name[len(old):]
+        return prefix + name
     for name, (A, B) in loras.items():
         if (r is not None and A.shape[0] != r) or B.shape[1] != A.shape[0]:
             raise ValueError(f"{name}: A {tuple(A.shape)} and B {tuple(B.shape)} are not rank-{r} LoRA factors")
         r = A.shape[0]
-        tensors[f"{prefix}{name}.lora_A.weight"] = A.detach().float().contiguous()
-        tensors[f"{prefix}{name}.lora_B.weight"] = B.detach().float().contiguous()
+        tensors[f"{target_name(name)}.lora_A.weight"] = A.detach().float().contiguous()
+        tensors[f"{target_name(name)}.lora_B.weight"] = B.detach().float().contiguous()
+    heads = list(config.get("keep_trainable", []))
+    for head in heads:
+        tensors.update(_modules_to_save_tensors(adapter.root, head, loras, target_name(head)))
     folder = Path(folder)
     save_safetensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
-              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in loras}), "fan_in_fan_out": False,
-              "base_model_name_or_path": base_model_name_or_path, "task_type": task_type, "inference_mode": True,
-              "use_rslora": False, "modules_to_save": None}
-    atomic_write(folder / "adapter_config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    peft_config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
+                   "target_modules": sorted({n.rsplit(".", 1)[-1] for n in loras}), "fan_in_fan_out": False,
+                   "base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
+                   "inference_mode": True, "use_rslora": False,
+                   "modules_to_save": [target_name(h).removeprefix(prefix) for h in heads] or None}
+    atomic_write(folder / "adapter_config.json", lambda f: f.write(json.dumps(peft_config, indent=2).encode()))
     return folder
+
+
+def _modules_to_save_tensors(root, head, loras, exported_name) -> dict:
+    """A fully trained module's tensors, keyed as PEFT saves a modules_to_save entry: its state dict under the
+    module's own name (PEFT drops the wrapper's 'modules_to_save.<adapter>' part on save and restores it on load)."""
+    try:
+        module = root.get_submodule(head)
+    except AttributeError:
+        raise ValueError(f"keep_trainable module {head!r} is not in the model; export the model it was trained "
+                         "with") from None
+    if any(n == head or n.startswith(head + ".") for n in loras):
+        raise ValueError(f"{head!r} is trained in full and also holds LoRA layers; PEFT cannot express both")
+    return {f"{exported_name}.{key}": t.detach().contiguous() for key, t in module.state_dict().items()}
