@@ -507,9 +507,9 @@ def test_train_resume_and_eval(tiny, tmp_path):
     assert again["evaluated_run"] == str(tmp_path / "full") and "train" not in again
     assert (tmp_path / "full" / "eval-1" / "results.json").is_file()
     assert {n: (tmp_path / "full" / n).read_bytes() for n in run_files} == run_files
-    main(["--eval_only", "--load", str(tmp_path / "full"), "--max_eval_samples", "2", "--max_new_tokens", "2",
-          "--eval_data", tiny["test"], "--threads", "1"])
+    second = main(["--eval_only", "--load", str(tmp_path / "full"), "--max_new_tokens", "2", "--threads", "1"])
     assert (tmp_path / "full" / "eval-2" / "results.json").is_file()
+    assert second["eval_data"] == tiny["test"] and second["after"]["n"] == 4  # the run's test set by default
     with pytest.raises(UserError, match="is the run being evaluated"):
         main(["--eval_only", "--load", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full")])
     with pytest.raises(UserError, match="--model .* contradicts the run"):
@@ -683,6 +683,9 @@ def test_user_errors_exit_without_traceback(tiny, tmp_path, monkeypatch):
     assert str(code).startswith("error: --load is for --eval_only")
     code = run_as_script(monkeypatch, ["--template", "chat"])
     assert "--protocol official uses the Alpaca prompt" in code
+    code = run_as_script(monkeypatch, ["--model", tiny["model"], "--device", "gpu:7", "--output_dir",
+                                       str(tmp_path / "z")])
+    assert str(code).startswith("error: --device gpu:7")
     code = run_as_script(monkeypatch, ["--model", tiny["model"], "--output_dir", tiny["model"]])
     assert "holds a model" in code and (Path(tiny["model"]) / "config.json").is_file()
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

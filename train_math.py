@@ -227,6 +227,9 @@ def take_run_settings(args, explicit):
             saved = "plain"  # runs from before --protocol existed used what is now called plain
         if saved is not None:
             setattr(args, key, saved)
+    for key in ("eval_data", "max_eval_samples"):  # by default the run's own test problems again
+        if getattr(args, key) is None and key in config:
+            setattr(args, key, "all" if config[key] is None else config[key])
 
 
 def check_flag_combinations(args):
@@ -672,8 +675,13 @@ def prepare_run_dir(args):
 
 def set_up_device(args):
     """Device, resolved --dtype/--amp, the autocast context and the gradient scaler (fp16 only)."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     if args.amp == "auto":
@@ -1050,8 +1058,8 @@ def protocol_record(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_dir = prepare_run_dir(args)
     device, autocast, scaler = set_up_device(args)
+    run_dir = prepare_run_dir(args)
     tok, model, fmt = load_model(args, device)
     args.pad_id = tok.pad_id if tok.pad_id is not None else fmt.end_id
     train = load_train_examples(args, fmt) if args.train else None
