@@ -453,7 +453,7 @@ def test_math_test_files_of_both_layouts(tiny, tmp_path):
                                              (metamath, "Find $\\frac{1}{2}+\\frac{1}{2}$.", "1", None)):
         args = argparse.Namespace(eval_data=str(path), data_dir=tmp_path, hf_token=None, max_eval_samples=None,
                                   max_new_tokens=None, protocol="official")
-        _, task, items = train_math.load_eval_items(args, fmt)
+        task, items = train_math.load_eval_items(args, fmt)
         assert task == "math" and args.max_new_tokens == 2048  # the official MATH budget
         assert (items[0]["question"], items[0]["reference"], items[0]["level"]) == (question, reference, level)
 
@@ -472,7 +472,7 @@ def test_train_resume_and_eval(tiny, tmp_path):
     assert "accuracy_lenient" in full["after"] and full["precision"] == {"dtype": "float32", "amp": "none"}
     # training on sums must make the reference solutions of unseen sums more likely than the base model did
     assert full["after"]["loglik"] > full["before"]["loglik"]
-    assert abs(full["merge_max_logit_change"]) < 1e-4
+    assert abs(full["after"]["merge_max_logit_change"]) < 1e-4
     rows = [json.loads(x) for x in (tmp_path / "full" / "predictions.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in rows] == [42, 15, 123, 48]  # the first 4 problems, in file order
     log = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]

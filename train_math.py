@@ -743,7 +743,7 @@ def load_train_examples(args, fmt):
 
 
 def load_eval_items(args, fmt):
-    """(path, task, items).  task 'math' when the references hold \\boxed{...}, else 'gsm8k'."""
+    """(task, items): task 'math' when the references hold \\boxed{...}, else 'gsm8k'."""
     path = fetch(args.eval_data, "test", args.data_dir, args.hf_token)
     records = read_records(path)[:args.max_eval_samples]
     q_field, a_field = pick_fields(records, None, None, path)
@@ -765,7 +765,8 @@ def load_eval_items(args, fmt):
                           gen_ids=fmt.eval_prompt_ids(question), prompt_ids=prompt_ids, answer_ids=answer_ids))
     if args.max_new_tokens is None:
         args.max_new_tokens = PROTOCOLS[args.protocol]["max_new_tokens"][task]
-    return path, task, items
+    print(f"eval: first {len(items)} problems of {path} ({task}), up to {args.max_new_tokens} new tokens")
+    return task, items
 
 
 def read_checkpoint(path, run_config):
@@ -1004,8 +1005,15 @@ def score(task, completion, item):
     return pred, math_equal(pred, item["reference"]), lenient, lenient_math_equal(lenient, item["reference"])
 
 
-def evaluate(args, model, tok, fmt, items, task, run_dir, device, autocast, pad_id):
-    """Generate for every problem, score both readings, write predictions.jsonl; returns the numbers."""
+def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autocast):
+    """Merge the adapter, generate for every problem, score both readings, write predictions.jsonl; returns the
+    numbers."""
+    out = {}
+    if adapter is not None:
+        probe = torch.tensor([items[0]["prompt_ids"] + items[0]["answer_ids"]], device=device)
+        model, out["merge_max_logit_change"] = merge_for_eval(model, adapter, probe, autocast)
+        print(f"merged the adapter (max |logit change| from merging {out['merge_max_logit_change']:.2e})")
+    out["loglik"] = answer_loglik(model, items, args.pad_id, args.eval_batch_size, device, autocast)
     t0 = time.time()
     stop = PROTOCOLS[args.protocol]["stop"]
     # Longest prompts first: batches hold similar lengths, so little padding, and an out-of-memory error shows
@@ -1014,14 +1022,14 @@ def evaluate(args, model, tok, fmt, items, task, run_dir, device, autocast, pad_
     outputs = [None] * len(items)
     for i in tqdm(range(0, len(order), args.eval_batch_size), desc="generate", dynamic_ncols=True):
         chunk = order[i:i + args.eval_batch_size]
-        rows, why = generate(model, [items[j]["gen_ids"] for j in chunk], pad_id, fmt.end_id, args.max_new_tokens,
-                             stop, tok.decode, device, autocast)
+        rows, why = generate(model, [items[j]["gen_ids"] for j in chunk], args.pad_id, fmt.end_id,
+                             args.max_new_tokens, stop, tok.decode, device, autocast)
         for j, row, w in zip(chunk, rows, why):
             outputs[j] = (row, w)
     seconds = time.time() - t0
     rows, counts = [], defaultdict(lambda: [0, 0])
-    for item, (out, why) in zip(items, outputs):
-        completion = cut_at_stop(tok.decode(out), stop)
+    for item, (new_ids, why) in zip(items, outputs):
+        completion = cut_at_stop(tok.decode(new_ids), stop)
         pred, ok, lenient, ok_lenient = score(task, completion, item)
         for group in ("all", f"level:{item['level']}", f"subject:{item['subject']}"):
             counts[group][0] += ok
@@ -1031,10 +1039,10 @@ def evaluate(args, model, tok, fmt, items, task, run_dir, device, autocast, pad_
         rows.append(json.dumps(dict(question=item["question"], reference=item["reference"], prediction=pred,
                                     correct=ok, prediction_lenient=lenient, correct_lenient=ok_lenient,
                                     level=item["level"], subject=item["subject"], completion=completion,
-                                    new_tokens=len(out), ended_by=why)))
+                                    new_tokens=len(new_ids), ended_by=why)))
     atomic_write(run_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
     n, correct = counts["all"][1], counts["all"][0]
-    out = dict(task=task, accuracy=correct / n, correct=correct, n=n,
+    out.update(task=task, accuracy=correct / n, correct=correct, n=n,
                accuracy_lenient=counts["lenient"][0] / n, correct_lenient=counts["lenient"][0],
                no_answer_mark=counts["no_answer_mark"][0], max_new_tokens=args.max_new_tokens,
                generate_seconds=round(seconds, 1))
@@ -1065,10 +1073,7 @@ def main(argv=None):
     train = load_train_examples(args, fmt) if args.train else None
     run_config = {k: getattr(args, k) for k in RESUME_KEYS[:-1]} | {"n_train": len(train)} if args.train else None
     ckpt = read_checkpoint(run_dir / "checkpoint.pt", run_config) if args.resume else None
-    eval_path, task, eval_items = load_eval_items(args, fmt) if not args.no_eval else (None, None, [])
-    if eval_items:
-        print(f"eval: first {len(eval_items)} problems of {eval_path} ({task}), up to {args.max_new_tokens} new "
-              f"tokens")
+    task, eval_items = load_eval_items(args, fmt) if not args.no_eval else (None, [])
     results = dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
                    template=args.template, protocol=protocol_record(args),
                    precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load,
@@ -1081,7 +1086,6 @@ def main(argv=None):
     if eval_items and args.train and before is None:
         before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.eval_batch_size, device, autocast)}
         print(f"before training: mean answer log-likelihood {before['loglik']:.4f}")
-
     adapter = build_adapter(args, model)
     if adapter is not None:
         results["params"] = adapter.counts()
@@ -1092,26 +1096,20 @@ def main(argv=None):
             results["train"] = train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler,
                                              run_config, before)
         except NonFiniteLoss as e:
-            results.update(status="diverged", error=str(e))
-            write_json(run_dir / "results.json", results)
+            write_json(run_dir / "results.json", results | dict(status="diverged", error=str(e)))
             raise
-        if results["train"]["steps_done"] < results["train"]["steps"] or args.no_eval:
-            results["status"] = "stopped" if args.stop_after else "trained"
+        stopped = results["train"]["steps_done"] < results["train"]["steps"]
+        if stopped or args.no_eval:
+            results["status"] = "stopped" if stopped else "trained"
             write_json(run_dir / "results.json", results)
-            if args.stop_after:
-                print(f"stopped after step {results['train']['steps_done']} as asked; continue with --resume")
+            print("stopped as asked; continue with --resume" if stopped else "trained; --no_eval: no evaluation")
             return results
 
-    if before is not None:
-        results["before"] = before
-    if adapter is not None:
-        probe = torch.tensor([eval_items[0]["prompt_ids"] + eval_items[0]["answer_ids"]], device=device)
-        model, results["merge_max_logit_change"] = merge_for_eval(model, adapter, probe, autocast)
-        print(f"merged the adapter (max |logit change| from merging {results['merge_max_logit_change']:.2e})")
-    after = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.eval_batch_size, device, autocast)}
-    after.update(evaluate(args, model, tok, fmt, eval_items, task, run_dir, device, autocast, args.pad_id))
-    results.update(status="finished", after=after, eval_data=str(args.eval_data))
+    results["before"] = before
+    results["after"] = evaluate(args, model, adapter, tok, fmt, eval_items, task, run_dir, device, autocast)
+    results.update(status="finished", eval_data=str(args.eval_data))
     write_json(run_dir / "results.json", results)
+    after = results["after"]
     print(f"{task.upper()} accuracy (official) {after['correct']}/{after['n']} = {100 * after['accuracy']:.2f}%; "
           f"lenient reading {100 * after['accuracy_lenient']:.2f}%; {after['no_answer_mark']} without "
           f"'{ANSWER_MARK.strip()}'; wrote {run_dir / 'results.json'}")
