@@ -349,7 +349,7 @@ def test_generation_stops_at_stop_strings_eos_and_budget(tiny):
     assert model.calls == 120  # the budget, not more
     model = ScriptedLM([ramble], vocab=400)
     train_math.generate(model, [[5]], 2, 2, 500, stop, tok.decode, "cpu", contextlib_null)
-    assert model.calls < len(tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction").ids) + 3
+    assert model.calls <= len(tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction").ids) + 8
 
 
 def contextlib_null():
@@ -426,6 +426,7 @@ def test_the_token_goes_to_the_hub_only(tmp_path, monkeypatch):
         train_math.fetch("metamathqa", "train", tmp_path / "b", token=None)
         train_math.fetch(f"http://127.0.0.1:{hub_port}/datasets/x/y.jsonl", "train", tmp_path, token="secret")
         train_math.fetch(f"http://127.0.0.1:{other_port}/my.jsonl", "train", tmp_path, token="secret")
+        odd = train_math.fetch(f"http://127.0.0.1:{other_port}/x/..", "train", tmp_path, token="secret")
         train_math.fetch("gsm8k", "test", tmp_path, token="secret")
         train_math.fetch("math", "test", tmp_path, token="secret")
     finally:
@@ -437,7 +438,8 @@ def test_the_token_goes_to_the_hub_only(tmp_path, monkeypatch):
     assert [a for p, _, a in Recorder.seen if p == hub_port] == ["Bearer secret", "Bearer secret-from-env",
                                                                  "Bearer secret"]
     assert sorted(path for p, path, _ in Recorder.seen if p == other_port) == ["/MATH_test.jsonl", "/my.jsonl",
-                                                                              "/test.jsonl"]
+                                                                              "/test.jsonl", "/x/.."]
+    assert odd.name == "data" and odd.parent.parent == tmp_path / "urls"  # a URL never names a path outside
     assert all(auth is None for p, _, auth in Recorder.seen if p == other_port)
 
 
@@ -681,6 +683,8 @@ def test_user_errors_exit_without_traceback(tiny, tmp_path, monkeypatch):
     assert code == "error: --eval_only needs --load <run folder>; to evaluate the base model use --method none"
     code = run_as_script(monkeypatch, ["--load", str(tmp_path)])
     assert str(code).startswith("error: --load is for --eval_only")
+    code = run_as_script(monkeypatch, ["--resume", "--overwrite"])
+    assert str(code).startswith("error: --resume continues the run") and "drop one" in code
     code = run_as_script(monkeypatch, ["--template", "chat"])
     assert "--protocol official uses the Alpaca prompt" in code
     code = run_as_script(monkeypatch, ["--model", tiny["model"], "--device", "gpu:7", "--output_dir",
