@@ -164,6 +164,25 @@ def test_official_gsm8k_reading(completion, number):
     assert official_gsm8k_answer(completion) == number
 
 
+@pytest.mark.parametrize("completion, reference, official, lenient", [
+    ("The answer is 2 * 1.5 = 3.", 3.0, False, False),     # official: no 'The answer is: '; lenient reads 2
+    ("The answer is: 17.6", 18.0, True, False),            # official rounds; lenient wants 18 exactly
+    ("The answer is: 1,234,567", 1234567.0, False, True),
+    ("So 5 apples.\n#### 5", 5.0, False, True),
+    ("The answer is: 42", 42.0, True, True),
+])
+def test_official_and_lenient_verdicts(completion, reference, official, lenient):
+    _, ok, _, ok_lenient = train_math.score("gsm8k", completion, {"reference": reference})
+    assert (ok, ok_lenient) == (official, lenient)
+
+
+def test_official_protocol_constants():
+    official = train_math.PROTOCOLS["official"]
+    assert official["stop"] == ("Instruction:", "Instruction", "Response:", "Response")
+    assert official["max_new_tokens"] == {"gsm8k": 1024, "math": 2048}
+    assert official["separator"] == "" and official["eval_suffix"] == " Let's think step by step."
+
+
 def test_official_gsm8k_references():
     assert train_math.gsm8k_reference("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234") == 1234.0
     assert train_math.gsm8k_reference("So she has 18.\nThe answer is: 18") == 18.0
@@ -556,6 +575,13 @@ def test_lora_baseline_and_base_model(tiny, tmp_path):
     again = main(["--eval_only", "--load", str(tmp_path / "lora"), "--eval_data", tiny["test"], "--threads", "1",
                   "--max_eval_samples", "4", "--max_new_tokens", "6", "--eval_batch_size", "3"])
     assert again["method"] == "lora" and again["after"]["loglik"] == pytest.approx(lora["after"]["loglik"], abs=1e-5)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("run.json", "results.json"):
+        (broken / name).write_bytes((tmp_path / "lora" / name).read_bytes())
+    (broken / "adapter.pt").write_bytes((tmp_path / "lora" / "adapter.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match=f"--load {broken}: "):
+        main(["--eval_only", "--load", str(broken), "--eval_data", tiny["test"], "--threads", "1"])
 
 
 def test_merge_happens_in_fp32_outside_autocast(tiny, tmp_path, monkeypatch):
@@ -714,6 +740,8 @@ def test_batch_flags_agree(tmp_path):
         main(["--output_dir", str(tmp_path / "run"), "--batch_size", "16", "--grad_accum", "3"])
     assert train_math.parse_args(["--batch_size", "16", "--grad_accum", "4"]).micro_batch_size == 4
     assert train_math.parse_args(["--max_eval_samples", "all"]).max_eval_samples is None
+    assert train_math.parse_args(["--out_dir", "old/spelling"]).output_dir == "old/spelling"
+    assert train_math.parse_args([]).signs is True and train_math.parse_args(["--no-signs"]).signs is False
     paper = train_math.parse_args(["--recipe", "paper"])
     assert (paper.model, paper.protocol, paper.signs, paper.max_eval_samples) == ("google/gemma-7b", "official",
                                                                                  False, None)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -806,8 +807,8 @@ def build_adapter(args, model):
         if args.method == "lora":
             adapter = unilora.apply_lora(model, r=args.r, alpha=args.lora_alpha, dropout=args.dropout)
             return adapter.load(str(saved)) if saved else adapter
-    except (ValueError, FileNotFoundError) as e:  # d > D, a missing or mismatched adapter file
-        raise UserError(str(e)) from e
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # d > D; a bad adapter file
+        raise UserError(f"--load {args.load}: {e}" if saved else f"--d {args.d}: {e}") from e
     return None
 
 
