@@ -738,6 +738,8 @@ def test_numbers_are_checked_before_anything_is_written(tmp_path, capsys, flag, 
 def test_batch_flags_agree(tmp_path):
     with pytest.raises(UserError, match="--grad_accum 3"):
         main(["--output_dir", str(tmp_path / "run"), "--batch_size", "16", "--grad_accum", "3"])
+    with pytest.raises(SystemExit):
+        train_math.parse_args(["--micro_batch_size", "4", "--grad_accum", "4"])
     assert train_math.parse_args(["--batch_size", "16", "--grad_accum", "4"]).micro_batch_size == 4
     assert train_math.parse_args(["--max_eval_samples", "all"]).max_eval_samples is None
     assert train_math.parse_args(["--out_dir", "old/spelling"]).output_dir == "old/spelling"

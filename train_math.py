@@ -149,8 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=positive_int, help="optimizer steps; overrides --epochs")
     p.add_argument("--stop_after", type=positive_int, help="exit after this many steps with a checkpoint")
     p.add_argument("--batch_size", type=positive_int, help="effective batch size (recipe)")
-    p.add_argument("--micro_batch_size", type=positive_int, help="examples per forward (recipe)")
-    p.add_argument("--grad_accum", type=positive_int, help="or: micro-batches per step (batch_size / grad_accum)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward (recipe)")
+    split.add_argument("--grad_accum", type=positive_int, help="or: micro-batches per step (batch_size / grad_accum)")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
     p.add_argument("--warmup_ratio", type=fraction, help="fraction of steps of linear warmup (recipe)")
     p.add_argument("--weight_decay", type=nonnegative_float, default=0.0)
@@ -211,23 +212,24 @@ def parse_args(argv=None):
 def take_run_settings(args, explicit):
     """--eval_only --load DIR: the model, method and prompt come from the run; a flag that contradicts it is an
     error rather than a silently different evaluation."""
-    run_dir = Path(args.load)
-    config = None
-    if (run_dir / "run.json").is_file():
-        config = json.loads((run_dir / "run.json").read_text())
-    elif (run_dir / "results.json").is_file():  # runs written before run.json existed
-        config = json.loads((run_dir / "results.json").read_text()).get("args")
+    run_dir, config = Path(args.load), None
+    try:
+        if (run_dir / "run.json").is_file():
+            config = json.loads((run_dir / "run.json").read_text())
+        elif (run_dir / "results.json").is_file():  # runs written before run.json existed
+            config = json.loads((run_dir / "results.json").read_text()).get("args")
+    except (ValueError, AttributeError):
+        config = None
     if not isinstance(config, dict) or not (run_dir / "adapter.pt").is_file() and config.get("method") != "none":
         raise UserError(f"--load {run_dir}: not a run folder of train_math.py (needs run.json and adapter.pt)")
     for key in RUN_KEYS:
-        saved = config.get(key)
-        if key in explicit and getattr(args, key) != saved and not (key == "method" and saved is None):
+        saved = config.get(key, "plain" if key == "protocol" else None)  # older runs: today's plain protocol
+        if saved is None:
+            continue
+        if key in explicit and getattr(args, key) != saved:
             raise UserError(f"--{key} {getattr(args, key)} contradicts the run in --load ({key} {saved!r}); drop "
                             f"--{key}")
-        if key == "protocol" and saved is None:
-            saved = "plain"  # runs from before --protocol existed used what is now called plain
-        if saved is not None:
-            setattr(args, key, saved)
+        setattr(args, key, saved)
     for key in ("eval_data", "max_eval_samples"):  # by default the run's own test problems again
         if getattr(args, key) is None and key in config:
             setattr(args, key, "all" if config[key] is None else config[key])
