@@ -159,6 +159,9 @@ def strict_json(path):
     ("The answer is:5", None),                     # the marker includes its space
     ("the answer is: 5", None),                    # and its capital
     ("so 5 + 6 = 11\n#### 11", None),
+    ("The answer is: " + "9" * 400, None),         # float overflows to inf: no number
+    ("The answer is: " + "9" * 400 + "/7", None),
+    ("The answer is: " + "9" * 5000 + "/0", None),
 ])
 def test_official_gsm8k_reading(completion, number):
     assert official_gsm8k_answer(completion) == number
@@ -256,6 +259,7 @@ MATH_PAIRS = [
     ("23.3", "23.31", False),
     ("2\\sqrt", "2\\sqrt", True),               # normalising raises officially: the raw strings are compared
     ("2\\sqrt", "2\\sqrt{}", False),
+    ("1" * 5000 + "/2", "\\frac{1}{2}", False),
     (None, "5", False),
 ]
 
@@ -285,6 +289,7 @@ def test_lenient_math_reading_is_separate():
     ("It costs $12 and then 1,000 more.", "1000", "last_number"),
     ("I count 4 apples. The answer is: unknown", "4", "last_number"),
     ("no digits at all", None, "none"),
+    ("The answer is: " + "9" * 5000, None, "answer_is"),
 ])
 def test_lenient_reading(text, answer, rule):
     assert extract_answer(text) == (answer, rule)

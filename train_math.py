@@ -394,14 +394,18 @@ def official_gsm8k_answer(completion):
     if not m:
         return None
     token = m.group()
-    if "/" in token:
-        numerator, denominator = token.split("/")
-        if not numerator.lstrip("+-").isdigit():  # '/5': the official code finds no number either
-            return None
-        if int(denominator) == 0:  # the official code returns the numerator
-            return round(float(numerator))
-        return round(float(Fraction(int(numerator), int(denominator))))
-    value = float(token.replace(",", ""))
+    numerator, _, denominator = token.partition("/")
+    if denominator and not numerator.lstrip("+-").isdigit():  # '/5': the official code finds no number either
+        return None
+    try:
+        if not denominator:
+            value = float(token.replace(",", ""))
+        elif int(denominator) == 0:  # the official code returns the numerator
+            value = float(numerator)
+        else:
+            value = float(Fraction(int(numerator), int(denominator)))
+    except (OverflowError, ValueError):  # thousands of digits: no answer (the official code would crash)
+        return None
     return None if math.isinf(value) else round(value)
 
 
@@ -471,8 +475,11 @@ def _fix_fracs(s):
 
 def _slash_to_frac(s):
     a, _, b = s.partition("/")
-    if s.count("/") == 1 and re.fullmatch(r"-?\d+", a) and re.fullmatch(r"-?\d+", b) and s == f"{int(a)}/{int(b)}":
-        return f"\\frac{{{int(a)}}}{{{int(b)}}}"
+    try:
+        if s.count("/") == 1 and s == f"{int(a)}/{int(b)}":
+            return f"\\frac{{{int(a)}}}{{{int(b)}}}"
+    except ValueError:  # not integers (or thousands of digits)
+        pass
     return s
 
 
@@ -525,11 +532,11 @@ def normalize_number(s):
     s = s.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
         x = Decimal(s)
-    except InvalidOperation:
+        if not x.is_finite():
+            return None
+        return str(int(x)) if x == x.to_integral_value() else format(x.normalize(), "f")
+    except (InvalidOperation, ValueError):  # not a number, or too many digits to print
         return None
-    if not x.is_finite():
-        return None
-    return str(int(x)) if x == x.to_integral_value() else format(x.normalize(), "f")
 
 
 def extract_answer(text):
