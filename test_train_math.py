@@ -602,7 +602,7 @@ def test_merge_happens_in_fp32_outside_autocast(tiny, tmp_path, monkeypatch):
         model = original(self)
         for W, A, B, merged in factors:
             exact = W + B @ A
-            assert (merged.double() - exact).abs().max() <= (exact.abs() * 2 ** -23 + 1e-9).max()
+            assert ((merged.double() - exact).abs() <= exact.abs() * 2 ** -23 + 1e-9).all()  # one fp32 rounding
         return model
     monkeypatch.setattr(train_math.unilora.UniLoRA, "merge", spy)
     res = main(base_args(tiny, tmp_path / "amp", "--max_steps", "2", "--dtype", "float32", "--amp", "bf16"))
