@@ -731,6 +731,8 @@ def test_user_errors_exit_without_traceback(tiny, tmp_path, monkeypatch):
     ("--micro_batch_size", "-1"), ("--eval_batch_size", "0"), ("--save_every", "0"), ("--max_train_samples", "0"),
     ("--max_eval_samples", "-1"), ("--max_new_tokens", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--d", "0"),
     ("--warmup_ratio", "1.5"), ("--dropout", "-0.1"), ("--stop_after", "0"), ("--seed", "-1"), ("--dtype", "fp8"),
+    ("--grad_clip", "-1"), ("--weight_decay", "-0.5"), ("--r", "0"), ("--threads", "0"), ("--lora_alpha", "0"),
+    ("--max_length", "0"), ("--epochs", "2.5"),
 ])
 def test_numbers_are_checked_before_anything_is_written(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_:
