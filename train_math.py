@@ -904,8 +904,9 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
                 lab = pad([m[1] for m in micro], -100)
                 with autocast():
                     logits = model(ids.to(device), attention_mask=mask.to(device))
-                part = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten().to(device),
-                                       ignore_index=-100, reduction="sum") / n_targets
+                target = lab[:, 1:].to(device)
+                keep = target != -100  # only response positions: fp32 logits of a 256k vocabulary are large
+                part = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum") / n_targets
                 scaler.scale(part).backward()
                 loss += part.item()
             check_finite(loss, s + 1, hint=f"lower --lr, now {args.lr}")
@@ -950,10 +951,10 @@ def answer_loglik(model, items, pad_id, batch_size, device, autocast):
         lab = pad([[-100] * len(it["prompt_ids"]) + it["answer_ids"] for it in chunk], -100).to(device)
         with autocast():
             logits = model(ids, attention_mask=mask)
-        logits, target = logits[:, :-1].float(), lab[:, 1:]
+        target = lab[:, 1:]
         keep = target != -100
-        lp = torch.zeros_like(target, dtype=torch.float)
-        sel = logits[keep]
+        sel = logits[:, :-1][keep].float()  # the answer positions only, then fp32
+        lp = torch.zeros(target.shape, device=device)
         lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
         scores += (lp.sum(1) / keep.sum(1)).tolist()
     return float(np.mean(scores))
@@ -1026,7 +1027,8 @@ def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autoc
         probe = torch.tensor([items[0]["prompt_ids"] + items[0]["answer_ids"]], device=device)
         model, out["merge_max_logit_change"] = merge_for_eval(model, adapter, probe, autocast)
         print(f"merged the adapter (max |logit change| from merging {out['merge_max_logit_change']:.2e})")
-    out["loglik"] = answer_loglik(model, items, args.pad_id, args.eval_batch_size, device, autocast)
+    # in training-sized batches: logits over the whole vocabulary for every position are what fills memory here
+    out["loglik"] = answer_loglik(model, items, args.pad_id, args.micro_batch_size, device, autocast)
     t0 = time.time()
     stop = PROTOCOLS[args.protocol]["stop"]
     # Longest prompts first: batches hold similar lengths, so little padding, and an out-of-memory error shows
@@ -1097,7 +1099,7 @@ def main(argv=None):
     # "before": the untouched base model (a resumed run kept the number in its checkpoint)
     before = ckpt.get("before") if ckpt else None
     if eval_items and args.train and before is None:
-        before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.eval_batch_size, device, autocast)}
+        before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.micro_batch_size, device, autocast)}
         print(f"before training: mean answer log-likelihood {before['loglik']:.4f}")
     adapter = build_adapter(args, model)
     if adapter is not None:
