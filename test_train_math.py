@@ -4,9 +4,9 @@ Why this file exists: the math script glues data parsing, prompt masking, Uni-Lo
 generation-based scoring together; each piece is easy to get subtly wrong (a prompt token left in the loss, an
 answer read from the wrong number, a resumed run that sees different batches), and the numbers are only
 comparable with the paper's Table 3 if every rule of the official protocol holds.  The official rules are
-checked on hand-written generations and on a table of answers taken from real MATH solutions.  The tests build a tiny random
-Llama-style checkpoint and a byte-level BPE tokenizer.json in a temporary folder and run the real script on
-them: in-process through main(argv) for speed, and once as a subprocess to cover the command line itself.
+checked on hand-written generations and on a table of answers taken from real MATH solutions.  The tests
+build a tiny random Llama-style checkpoint and a byte-level BPE tokenizer.json in a temporary folder and run
+the real script on them: in-process through main(argv) for speed, and once as a subprocess for the command line.
 """
 import argparse
 import contextlib
