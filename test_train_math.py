@@ -2,12 +2,17 @@
 
 Why this file exists: the math script glues data parsing, prompt masking, Uni-LoRA training with resume, and
 generation-based scoring together; each piece is easy to get subtly wrong (a prompt token left in the loss, an
-answer read from the wrong number, a resumed run that sees different batches).  The tests build a tiny random
-Llama-style checkpoint and a byte-level BPE tokenizer.json in a temporary folder and run the real script on
-them: in-process through main(argv) for speed, and once as a subprocess to cover the command line itself.
+answer read from the wrong number, a resumed run that sees different batches), and the numbers are only
+comparable with the paper's Table 3 if every rule of the official protocol holds.  The official rules are
+checked on hand-written generations and on a table of answers taken from real MATH solutions.  The tests
+build a tiny random Llama-style checkpoint and a byte-level BPE tokenizer.json in a temporary folder and run
+the real script on them: in-process through main(argv) for speed, and once as a subprocess for the command line.
 """
+import argparse
+import contextlib
 import http.server
 import json
+import runpy
 import subprocess
 import sys
 import threading
@@ -18,7 +23,8 @@ import torch
 
 import pretrained
 import train_math
-from train_math import UserError, extract_answer, main, same_number, to_metamath_format
+from train_math import (NonFiniteLoss, UserError, cut_at_stop, extract_answer, last_boxed, main, math_equal,
+                        official_gsm8k_answer, official_math_answer, same_number, to_metamath_format)
 
 HERE = Path(__file__).resolve().parent
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
@@ -113,18 +119,166 @@ def restore_threads():
 
 def base_args(tiny, out, *extra):
     return ["--model", tiny["model"], "--train_data", tiny["train"], "--eval_data", tiny["test"],
-            "--out_dir", str(out), "--max_train_samples", "16", "--max_eval_samples", "4", "--batch_size", "4",
+            "--output_dir", str(out), "--max_train_samples", "16", "--max_eval_samples", "4", "--batch_size", "4",
             "--micro_batch_size", "2", "--max_length", "256", "--max_new_tokens", "6", "--eval_batch_size", "3",
-            "--d", "256", "--lr", "0.02", "--data_dir", str(out / "data"), "--threads", "1", *extra]
+            "--d", "256", "--lr", "0.02", "--data_dir", str(out.parent / "data"), "--threads", "1", *extra]
 
 
-def formatter(tiny, template="alpaca"):
+def formatter(tiny, template="alpaca", protocol="official"):
     tok = train_math.Tokenizer.from_pretrained(tiny["model"])
     config = json.loads((Path(tiny["model"]) / "config.json").read_text())
-    return train_math.Formatter(tok, template, tiny["model"], config)
+    return train_math.Formatter(tok, template, tiny["model"], config, protocol=protocol)
 
 
-# ---------------------------------------------------------------------------------------------- answers, data
+def strict_json(path):
+    """results.json must be JSON as the standard defines it: NaN and Infinity are not."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------------------ official scoring: GSM8K
+
+@pytest.mark.parametrize("completion, number", [
+    ("3 + 4 = 7.\nThe answer is: 7", 7),
+    ("The answer is 2 * 1.5 = 3.", None),          # no 'The answer is: ': wrong, whatever follows
+    ("The answer is: 17.6", 18),                   # round(float(...))
+    ("The answer is: 2.5", 2),                     # Python's round: halves to even
+    ("The answer is: 3.5", 4),
+    ("The answer is: 1,234", 1234),
+    ("The answer is: 1,234,567", 1234),            # one separator only: the official pattern stops there
+    ("The answer is: 3/4", 1),                     # a fraction, rounded
+    ("The answer is: 7/0", 7),                     # a zero denominator gives the numerator
+    ("The answer is: /5", None),
+    ("The answer is: $-12.", -12),
+    ("The answer is: .5", 0),
+    ("The answer is: 7\nWait.\nThe answer is: 9", 9),   # the LAST marker
+    ("The answer is: x = 5 apples", 5),            # the first number after it
+    ("The answer is: 3 or 4", 3),
+    ("The answer is: seven", None),
+    ("The answer is:5", None),                     # the marker includes its space
+    ("the answer is: 5", None),                    # and its capital
+    ("so 5 + 6 = 11\n#### 11", None),
+    ("The answer is: " + "9" * 400, None),         # float overflows to inf: no number
+    ("The answer is: " + "9" * 400 + "/7", None),
+    ("The answer is: " + "9" * 5000 + "/0", None),
+])
+def test_official_gsm8k_reading(completion, number):
+    assert official_gsm8k_answer(completion) == number
+
+
+@pytest.mark.parametrize("completion, reference, official, lenient", [
+    ("The answer is 2 * 1.5 = 3.", 3.0, False, False),     # official: no 'The answer is: '; lenient reads 2
+    ("The answer is: 17.6", 18.0, True, False),            # official rounds; lenient wants 18 exactly
+    ("The answer is: 1,234,567", 1234567.0, False, True),
+    ("So 5 apples.\n#### 5", 5.0, False, True),
+    ("The answer is: 42", 42.0, True, True),
+])
+def test_official_and_lenient_verdicts(completion, reference, official, lenient):
+    _, ok, _, ok_lenient = train_math.score("gsm8k", completion, {"reference": reference})
+    assert (ok, ok_lenient) == (official, lenient)
+
+
+def test_official_protocol_constants():
+    official = train_math.PROTOCOLS["official"]
+    assert official["stop"] == ("Instruction:", "Instruction", "Response:", "Response")
+    assert official["max_new_tokens"] == {"gsm8k": 1024, "math": 2048}
+    assert official["separator"] == "" and official["eval_suffix"] == " Let's think step by step."
+
+
+def test_official_gsm8k_references():
+    assert train_math.gsm8k_reference("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234") == 1234.0
+    assert train_math.gsm8k_reference("So she has 18.\nThe answer is: 18") == 18.0
+    assert train_math.gsm8k_reference("no final answer here") is None
+
+
+# ------------------------------------------------------------------------------------- official scoring: MATH
+
+@pytest.mark.parametrize("completion, answer", [
+    ("So x = 9/7.\nThe answer is: \\frac{9}{7}", "\\frac{9}{7}"),
+    ("The answer is: \\frac{9}{7}.\nThat is all.", "\\frac{9}{7}"),     # up to '.\n', the final '.' dropped
+    ("The answer is: 3.5.", "3.5"),
+    ("The answer is: 1.\nNo: The answer is: 2", "2"),
+    ("The answer is \\boxed{2}", None),
+])
+def test_official_math_reading(completion, answer):
+    assert official_math_answer(completion) == answer
+
+
+@pytest.mark.parametrize("solution, boxed", [
+    ("the graph has $\\boxed{2}$ vertical asymptotes.", "2"),
+    ("$1+\\dfrac{2}{7}=\\boxed{\\dfrac{9}{7}}$.", "\\dfrac{9}{7}"),
+    ("is $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("first $\\boxed{1}$, then $\\boxed{\\{1, 2\\}}$", "\\{1, 2\\}"),
+    ("an old \\fbox{5}", None),     # the official remove_boxed accepts '\\boxed{' only
+    ("$\\boxed 5$", None),
+    ("$\\boxed{5$", None),
+    ("no box at all", None),
+])
+def test_reference_is_the_last_boxed(solution, boxed):
+    assert last_boxed(solution) == boxed
+
+
+# (prediction after 'The answer is: ', reference from a real MATH solution's \boxed{}, equal under MetaMath's
+# normalisation).  The False rows are differences the official rules do not forgive.
+MATH_PAIRS = [
+    ("\\frac{1}{3}", "\\frac 13", True),
+    ("1/3", "\\frac 13", True),
+    ("0.5", "\\frac{1}{2}", True),
+    (".5", "\\frac{1}{2}", True),
+    ("\\frac{33}{100}", "\\dfrac{33}{100}", True),
+    ("9/7", "\\dfrac{9}{7}", True),
+    ("1.2857", "\\dfrac{9}{7}", False),
+    ("(-\\infty,\\frac{3}{7}]\\cup[\\frac{3}{5},\\infty)", "(-\\infty, \\tfrac37] \\cup [\\tfrac35, \\infty) ", True),
+    ("120", "120^\\circ", True),
+    ("139^{\\circ}", "139^\\circ", True),
+    ("16,386.16", "\\$16,\\!386.16", True),
+    ("16386.16", "\\$16,\\!386.16", False),     # commas are kept
+    ("30240", "30,\\!240", False),
+    ("2.50", "\\$2.50", True),
+    ("-0.5", "-\\$0.50", False),                # trailing zeros are kept
+    ("7", "7\\%", True),
+    ("7%", "7\\%", False),                      # only the escaped \\% is removed
+    ("4", "x = 4", True),
+    ("2x", "y = 2x", True),
+    ("10x-4y-5z-20=0", "10x - 4y - 5z - 20 = 0", True),
+    ("65", "65 \\text{ children tickets }", True),
+    ("135", "135\\text{ square feet}", True),
+    ("(C)", "\\text{(C)}", False),              # '\\text{' without a space is not a unit
+    ("7, -2, -5", "7, -2, \\text{ and } -5", False),   # everything from '\\text{ ' on is dropped
+    ("6\\sqrt3", "6\\sqrt{3}", True),
+    ("36\\sqrt{3}", "36 \\sqrt{3}", True),
+    ("(3\\sqrt{3}, -9, -2)", "(3 \\sqrt{3}, -9, -2)", True),
+    ("\\frac{3\\pi}{4}", "\\frac{3 \\pi}{4}", True),
+    ("[-\\frac{\\pi}{2},\\frac{\\pi}{2}]", "\\left[ -\\frac{\\pi}{2}, \\frac{\\pi}{2} \\right]", True),
+    ("\\frac{3}{2}+\\frac{3}{2}i", "\\frac{3}{2} + \\frac{3}{2} i", True),
+    ("\\frac{7}{15}", " \\frac{7}{15}", True),
+    ("-\\frac{1}{3}, 3", "3, -\\frac{1}{3}", False),
+    ("2.0", "2", False),
+    ("\\frac{1}{16}", "\\frac{1}{8}", False),
+    ("23.3", "23.31", False),
+    ("2\\sqrt", "2\\sqrt", True),               # normalising raises officially: the raw strings are compared
+    ("2\\sqrt", "2\\sqrt{}", False),
+    ("1" * 5000 + "/2", "\\frac{1}{2}", False),
+    (None, "5", False),
+]
+
+
+@pytest.mark.parametrize("prediction, reference, equal", MATH_PAIRS)
+def test_math_answers_compare_like_metamath(prediction, reference, equal):
+    assert math_equal(prediction, reference) is equal
+
+
+def test_lenient_math_reading_is_separate():
+    """The lenient reading forgives what the official one does not, and never changes the official verdict."""
+    assert train_math.lenient_math_equal("30240", "30,\\!240") and not math_equal("30240", "30,\\!240")
+    assert train_math.lenient_math_equal("2.0", "2") and train_math.lenient_math_equal("7%", "7\\%")
+    assert not train_math.lenient_math_equal("23.3", "23.31")
+    assert train_math.lenient_math_answer("so the answer is \\boxed{5}.") == "\\boxed{5}"
+    assert train_math.lenient_math_answer("hence $\\boxed{\\frac{1}{2}}$") == "\\frac{1}{2}"
+
+
+# -------------------------------------------------------------------------------------- lenient GSM8K reading
 
 @pytest.mark.parametrize("text, answer, rule", [
     ("She has 3 left.\nThe answer is: 18", "18", "answer_is"),
@@ -133,11 +287,11 @@ def formatter(tiny, template="alpaca"):
     ("The answer is: -0.50", "-0.5", "answer_is"),
     ("2 + 3 = 5\n#### 72", "72", "####"),
     ("It costs $12 and then 1,000 more.", "1000", "last_number"),
-    ("The answer is: 4 apples, not 5", "4", "answer_is"),  # the first number after the marker, as MetaMath reads it
     ("I count 4 apples. The answer is: unknown", "4", "last_number"),
     ("no digits at all", None, "none"),
+    ("The answer is: " + "9" * 5000, None, "answer_is"),
 ])
-def test_extract_answer(text, answer, rule):
+def test_lenient_reading(text, answer, rule):
     assert extract_answer(text) == (answer, rule)
 
 
@@ -149,55 +303,94 @@ def test_same_number():
 def test_gsm8k_answers_take_metamath_form():
     converted = to_metamath_format(problem(2, 3)["answer"])
     assert converted == "2 plus 3 is 5.\nThe answer is: 5"  # calculator notes gone, '#### 5' rewritten
-    assert extract_answer(converted) == ("5", "answer_is")
+    assert official_gsm8k_answer(converted) == 5
     assert to_metamath_format("Plain MetaMathQA text.\nThe answer is: 4") == "Plain MetaMathQA text.\nThe answer is: 4"
 
 
-def test_loss_is_masked_to_the_response(tiny):
+# ---------------------------------------------------------------------------------------- prompts, decoding
+
+ALPACA_2_PLUS_3 = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\nWhat is 2 plus 3?\n\n### Response:")
+
+
+def test_official_training_text_and_eval_prompt(tiny):
     fmt = formatter(tiny)
     ids, labels, truncated = fmt.example("What is 2 plus 3?", "It is 5.", max_length=1000)
     n_prompt = labels.count(-100)
-    assert not truncated and len(ids) == len(labels)
-    assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
-    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == fmt.end_id == 2
-    assert fmt.tok.decode(ids[:n_prompt]).endswith("### Response:")
-    assert fmt.tok.decode(ids[n_prompt:]) == " It is 5."  # the end token is special: not decoded
+    assert not truncated and len(ids) == len(labels) and ids[-1] == fmt.end_id == 2
+    assert fmt.tok.decode(ids) == ALPACA_2_PLUS_3 + "It is 5."  # prompt + response, no separator, then EOS
+    assert fmt.tok.decode(ids[:n_prompt]) == ALPACA_2_PLUS_3
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert fmt.tok.decode(fmt.eval_prompt_ids("What is 2 plus 3?")) == ALPACA_2_PLUS_3 + " Let's think step by step."
     short_ids, short_labels, truncated = fmt.example("What is 2 plus 3?", "It is 5.", max_length=n_prompt + 2)
     assert truncated and short_ids == ids[:n_prompt + 2] and short_labels == labels[:n_prompt + 2]
 
 
-def test_chat_template_is_rendered_by_hand(tiny, tmp_path):
-    fmt = formatter(tiny, "chat")
-    ids, labels, _ = fmt.example("Hi?", "Hello.", max_length=1000)
+def test_plain_protocol_keeps_the_space_and_the_training_prompt(tiny):
+    fmt = formatter(tiny, protocol="plain")
+    ids, labels, _ = fmt.example("What is 2 plus 3?", "It is 5.", max_length=1000)
     n_prompt = labels.count(-100)
-    prompt = fmt.tok.decode(ids[:n_prompt], skip_special_tokens=False)
-    assert prompt == ("<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
-                      "<|im_start|>assistant\n")
-    assert ids[-1] == fmt.tok.token_to_id("<|im_end|>")
-    other = tmp_path / "model"
-    other.mkdir()
-    for f in Path(tiny["model"]).iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((other / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="not ChatML"):
-        train_math.Formatter(fmt.tok, "chat", other, {})
+    assert fmt.tok.decode(ids[n_prompt:]) == " It is 5."
+    assert fmt.tok.decode(fmt.eval_prompt_ids("What is 2 plus 3?")) == ALPACA_2_PLUS_3
 
 
-def test_chatml_default_system_message_qwen_style(tmp_path):
-    """Qwen2-style templates write the newline as an escaped '\\n' inside a jinja string and have a branch for a
-    user-supplied system message before the default one; only the literal default is taken."""
-    template = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-                "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>"
-                "\\n' }}{%- endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    render = train_math.chatml_prompt_builder(tmp_path, None)
-    assert render("2+2?") == ("<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n"
-                              "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert train_math.chatml_prompt_builder(tmp_path, "Be brief.")("q").startswith(
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq")
+def test_cut_at_stop_strings():
+    stop = train_math.PROTOCOLS["official"]["stop"]
+    text = "2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction:\nWhat is 1 plus 1?\n\n### Response: 2"
+    assert cut_at_stop(text, stop) == "2 plus 3 is 5.\nThe answer is: 5\n\n### "
+    assert cut_at_stop("The Response was 4. The answer is: 4", stop) == "The "   # any occurrence, as vLLM
+    assert cut_at_stop("The answer is: 4", stop) == "The answer is: 4"
+    assert cut_at_stop("The answer is: 4", ()) == "The answer is: 4"
 
+
+class ScriptedLM(torch.nn.Module):
+    """Emits a fixed token sequence per row, whatever the input; counts its forward calls."""
+
+    def __init__(self, scripts, vocab):
+        super().__init__()
+        self.scripts, self.vocab, self.calls = scripts, vocab, 0
+
+    def forward(self, ids, mask, cache, last_only=True):
+        step, self.calls = self.calls, self.calls + 1
+        logits = torch.zeros(len(self.scripts), 1, self.vocab)
+        for i, script in enumerate(self.scripts):
+            logits[i, 0, script[min(step, len(script) - 1)]] = 1.0
+        return logits
+
+
+def test_generation_stops_at_stop_strings_eos_and_budget(tiny):
+    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    stop = train_math.PROTOCOLS["official"]["stop"]
+    ramble = tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction:\nWhat is 9 plus 9?" * 3).ids
+    short = tok.encode(" 5").ids + [2] + tok.encode(" never read").ids
+    long = tok.encode(" 1" * 100).ids
+    model = ScriptedLM([ramble, short, long], vocab=400)
+    rows, why = train_math.generate(model, [[5, 6], [7], [8, 9, 10]], 2, 2, 120, stop, tok.decode, "cpu",
+                                    contextlib_null)
+    assert why == ["stop", "eos", "length"]
+    assert cut_at_stop(tok.decode(rows[0]), stop) == "2 plus 3 is 5.\nThe answer is: 5\n\n### "
+    assert rows[1] == tok.encode(" 5").ids and len(rows[2]) == 120
+    assert model.calls == 120  # the budget, not more
+    model = ScriptedLM([ramble], vocab=400)
+    train_math.generate(model, [[5]], 2, 2, 500, stop, tok.decode, "cpu", contextlib_null)
+    assert model.calls <= len(tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction").ids) + 8
+
+
+def contextlib_null():
+    return contextlib.nullcontext()
+
+
+def test_left_padded_batches_generate_what_single_prompts_do(tiny):
+    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    model = pretrained.CausalLM.from_pretrained(tiny["model"])
+    prompts = [tok.encode(q).ids for q in ("What is 12 plus 30?", "What is 7 plus 8? Think.", "Hi")]
+    batch, _ = train_math.generate(model, prompts, 2, 2, 5, (), tok.decode, "cpu", contextlib_null)
+    single = [train_math.generate(model, [p], 2, 2, 5, (), tok.decode, "cpu", contextlib_null)[0][0]
+              for p in prompts]
+    assert batch == single
+
+
+# ---------------------------------------------------------------------------------------------------- data
 
 def test_bad_lines_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
@@ -215,52 +408,111 @@ def test_bad_lines_name_file_and_line(tmp_path):
     assert train_math.pick_fields(train_math.read_records(odd), "q", "a", odd) == ("q", "a")
 
 
-def test_metamathqa_comes_from_hf_endpoint(tmp_path, monkeypatch):
-    """The hub path is {HF_ENDPOINT}/datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json and the
-    file is one JSON array: served here from a loopback server."""
-    served = tmp_path / "srv" / "datasets/meta-math/MetaMathQA/resolve/main"
-    served.mkdir(parents=True)
-    (served / "MetaMathQA-395K.json").write_text(json.dumps(
-        [{"query": "What is 1 plus 1?", "response": "1 + 1 = 2.\nThe answer is: 2", "type": "GSM_AnsAug"}] * 3))
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "srv"))  # noqa: E731
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_bom_is_accepted_and_other_encodings_name_the_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(problem(1, 2)).encode() + b"\n")
+    assert train_math.read_records(path)[0][1]["question"] == "What is 1 plus 2?"
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps(problem(1, 2)).encode() + b'\n{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(UserError, match=r"latin1\.jsonl:2: not UTF-8") as err:
+        train_math.read_records(latin)
+    assert "\n" not in str(err.value)
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Serves a small JSONL for any path and remembers the Authorization header of each request."""
+    seen = []
+
+    def do_GET(self):
+        Recorder.seen.append((self.server.server_address[1], self.path, self.headers.get("Authorization")))
+        body = (json.dumps(problem(1, 1)) + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_the_token_goes_to_the_hub_only(tmp_path, monkeypatch):
+    hub, other = (http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder) for _ in range(2))
+    for server in (hub, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
     try:
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        path = train_math.fetch("metamathqa", "train", tmp_path / "cache", token=None)
+        hub_port, other_port = hub.server_address[1], other.server_address[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub_port}")
+        monkeypatch.setenv("HF_TOKEN", "secret-from-env")
+        monkeypatch.setattr(train_math, "GSM8K_URL", f"http://127.0.0.1:{other_port}/{{split}}.jsonl")
+        monkeypatch.setattr(train_math, "MATH_URL", f"http://127.0.0.1:{other_port}/MATH_test.jsonl")
+        train_math.fetch("metamathqa", "train", tmp_path / "a", token="secret")
+        train_math.fetch("metamathqa", "train", tmp_path / "b", token=None)
+        train_math.fetch(f"http://127.0.0.1:{hub_port}/datasets/x/y.jsonl", "train", tmp_path, token="secret")
+        train_math.fetch(f"http://127.0.0.1:{other_port}/my.jsonl", "train", tmp_path, token="secret")
+        odd = train_math.fetch(f"http://127.0.0.1:{other_port}/x/..", "train", tmp_path, token="secret")
+        train_math.fetch("gsm8k", "test", tmp_path, token="secret")
+        train_math.fetch("math", "test", tmp_path, token="secret")
     finally:
-        server.shutdown()
-    records = train_math.read_records(path)
-    assert path.name == "MetaMathQA-395K.json" and len(records) == 3
-    assert train_math.pick_fields(records, None, None, path) == ("query", "response")
+        hub.shutdown()
+        other.shutdown()
+    by_port = {(port, path): auth for port, path, auth in Recorder.seen}
+    assert by_port[(hub_port, "/datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json")] in (
+        "Bearer secret", "Bearer secret-from-env")
+    assert [a for p, _, a in Recorder.seen if p == hub_port] == ["Bearer secret", "Bearer secret-from-env",
+                                                                 "Bearer secret"]
+    assert sorted(path for p, path, _ in Recorder.seen if p == other_port) == ["/MATH_test.jsonl", "/my.jsonl",
+                                                                              "/test.jsonl", "/x/.."]
+    assert odd.name == "data" and odd.parent.parent == tmp_path / "urls"  # a URL never names a path outside
+    assert all(auth is None for p, _, auth in Recorder.seen if p == other_port)
+
+
+def test_math_test_files_of_both_layouts(tiny, tmp_path):
+    fmt = formatter(tiny)
+    hendrycks = tmp_path / "math.jsonl"
+    hendrycks.write_text(json.dumps(dict(problem="What is $1+1$?", level="Level 1", type="Algebra",
+                                         solution="We add: $1+1=\\boxed{2}$.")) + "\n")
+    metamath = tmp_path / "MATH_test.jsonl"
+    metamath.write_text(json.dumps(dict(instruction="Find $\\frac{1}{2}+\\frac{1}{2}$.", input="",
+                                        output="The sum is $\\boxed{1}$.")) + "\n")
+    for path, question, reference, level in ((hendrycks, "What is $1+1$?", "2", "Level 1"),
+                                             (metamath, "Find $\\frac{1}{2}+\\frac{1}{2}$.", "1", None)):
+        args = argparse.Namespace(eval_data=str(path), data_dir=tmp_path, hf_token=None, max_eval_samples=None,
+                                  max_new_tokens=None, protocol="official")
+        task, items = train_math.load_eval_items(args, fmt)
+        assert task == "math" and args.max_new_tokens == 2048  # the official MATH budget
+        assert (items[0]["question"], items[0]["reference"], items[0]["level"]) == (question, reference, level)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-def adapter_params(out):
-    return torch.load(out / "checkpoint.pt", weights_only=False)["adapter_params"]
+def checkpoint_params(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["adapter_params"]
 
 
 def test_train_resume_and_eval(tiny, tmp_path):
     full = main(base_args(tiny, tmp_path / "full", "--max_steps", "4", "--save_every", "2"))
-    assert full["train"]["steps"] == 4 and full["params"]["d"] == 256
+    assert full["train"]["steps"] == 4 and full["params"]["d"] == 256 and full["status"] == "finished"
+    assert full["protocol"]["name"] == "official" and full["after"]["task"] == "gsm8k"
     assert full["after"]["n"] == 4 and 0.0 <= full["after"]["accuracy"] <= 1.0
+    assert "accuracy_lenient" in full["after"] and full["precision"] == {"dtype": "float32", "amp": "none"}
     # training on sums must make the reference solutions of unseen sums more likely than the base model did
     assert full["after"]["loglik"] > full["before"]["loglik"]
-    assert abs(full["merge_max_logit_change"]) < 1e-4
+    assert abs(full["after"]["merge_max_logit_change"]) < 1e-4
     rows = [json.loads(x) for x in (tmp_path / "full" / "predictions.jsonl").read_text().splitlines()]
-    assert [r["reference"] for r in rows] == ["42", "15", "123", "48"]  # the first 4 problems, in file order
+    assert [r["reference"] for r in rows] == [42, 15, 123, 48]  # the first 4 problems, in file order
     log = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["lr"] < log[1]["lr"]  # cosine decay
+    assert strict_json(tmp_path / "full" / "results.json")["status"] == "finished"
 
     # an interrupted run (stopped after step 2) resumed to the end equals the uninterrupted one
     part = tmp_path / "part"
     stopped = main(base_args(tiny, part, "--max_steps", "4", "--save_every", "2", "--stop_after", "2", "--no_eval"))
-    assert "after" not in stopped and torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert "after" not in stopped and stopped["status"] == "stopped"
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 2
     with pytest.raises(UserError, match="--resume"):
         main(base_args(tiny, part, "--max_steps", "4", "--save_every", "2"))
-    with pytest.raises(UserError, match=r"lr: 0\.02 -> 0\.01"):
+    with pytest.raises(UserError, match=r"--lr: 0\.02 -> 0\.01"):
         main(base_args(tiny, part, "--max_steps", "4", "--save_every", "2", "--resume", "--lr", "0.01"))
     with open(part / "train_log.jsonl", "a") as f:  # as if it had died during step 3, after logging it
         f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
@@ -268,14 +520,55 @@ def test_train_resume_and_eval(tiny, tmp_path):
     log = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] > 0
     assert resumed["train"]["first_loss"] == full["train"]["first_loss"]
-    for a, b in zip(adapter_params(tmp_path / "full"), adapter_params(part), strict=True):
+    for a, b in zip(checkpoint_params(tmp_path / "full"), checkpoint_params(part), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert resumed["before"] == full["before"]
     assert resumed["after"]["loglik"] == pytest.approx(full["after"]["loglik"], abs=1e-5)
 
-    # the saved adapter evaluates to the same numbers on its own
-    again = main(base_args(tiny, tmp_path / "again", "--eval_only", "--adapter", str(tmp_path / "full" / "adapter.pt")))
+    # --eval_only --load: the same numbers, written beside the run in eval-1, eval-2; the run is untouched
+    run_files = {n: (tmp_path / "full" / n).read_bytes() for n in ("results.json", "predictions.jsonl")}
+    again = main(["--eval_only", "--load", str(tmp_path / "full"), "--eval_data", tiny["test"], "--threads", "1",
+                  "--max_eval_samples", "4", "--max_new_tokens", "6", "--eval_batch_size", "3"])
     assert again["after"]["loglik"] == pytest.approx(full["after"]["loglik"], abs=1e-5)
+    assert again["evaluated_run"] == str(tmp_path / "full") and "train" not in again
+    assert (tmp_path / "full" / "eval-1" / "results.json").is_file()
+    assert {n: (tmp_path / "full" / n).read_bytes() for n in run_files} == run_files
+    second = main(["--eval_only", "--load", str(tmp_path / "full"), "--max_new_tokens", "2", "--threads", "1"])
+    assert (tmp_path / "full" / "eval-2" / "results.json").is_file()
+    assert second["eval_data"] == tiny["test"] and second["after"]["n"] == 4  # the run's test set by default
+    with pytest.raises(UserError, match="is the run being evaluated"):
+        main(["--eval_only", "--load", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full")])
+    with pytest.raises(UserError, match="--model .* contradicts the run"):
+        main(["--eval_only", "--load", str(tmp_path / "full"), "--model", str(tmp_path)])
+
+
+def test_resume_refuses_changed_data_precision_and_pickles(tiny, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(Path(tiny["train"]).read_text())
+    run = tmp_path / "run"
+    args = base_args(tiny, run, "--train_data", str(data), "--max_steps", "2", "--stop_after", "1", "--no_eval")
+    main(args)
+    with pytest.raises(UserError, match="--amp: 'none' -> 'bf16'"):
+        main(args + ["--resume", "--amp", "bf16"])
+    with pytest.raises(UserError, match="--dtype: 'float32' -> 'bfloat16'"):
+        main(args + ["--resume", "--dtype", "bfloat16"])
+    with pytest.raises(UserError, match="--protocol: 'official' -> 'plain'"):
+        main(args + ["--resume", "--protocol", "plain"])
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same path, same count, other bytes
+    with pytest.raises(UserError, match=r"--train_data \(the file's contents changed\)"):
+        main(args + ["--resume"])
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "pwned"))
+    torch.save({"config": {}, "step": 1, "payload": Payload()}, run / "checkpoint.pt")
+    with pytest.raises(UserError, match="cannot be read as a checkpoint"):
+        main(args + ["--resume"])
+    assert not marker.exists()
+    assert "weights_only=False" not in (HERE / "train_math.py").read_text()
 
 
 def test_lora_baseline_and_base_model(tiny, tmp_path):
@@ -284,50 +577,180 @@ def test_lora_baseline_and_base_model(tiny, tmp_path):
     base = main(base_args(tiny, tmp_path / "none", "--method", "none"))
     assert "train" not in base and "params" not in base
     assert base["after"]["loglik"] == pytest.approx(lora["before"]["loglik"], abs=1e-5)
+    again = main(["--eval_only", "--load", str(tmp_path / "lora"), "--eval_data", tiny["test"], "--threads", "1",
+                  "--max_eval_samples", "4", "--max_new_tokens", "6", "--eval_batch_size", "3"])
+    assert again["method"] == "lora" and again["after"]["loglik"] == pytest.approx(lora["after"]["loglik"], abs=1e-5)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("run.json", "results.json"):
+        (broken / name).write_bytes((tmp_path / "lora" / name).read_bytes())
+    (broken / "adapter.pt").write_bytes((tmp_path / "lora" / "adapter.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match=f"--load {broken}: "):
+        main(["--eval_only", "--load", str(broken), "--eval_data", tiny["test"], "--threads", "1"])
 
 
-def test_scoring_with_a_model_that_knows_some_answers(tiny, tmp_path, monkeypatch):
-    """Replace generation by an oracle that answers every other problem correctly: the accuracy must come out
-    exact, which checks left padding, the length-sorted batching and putting answers back in file order."""
+def test_merge_happens_in_fp32_outside_autocast(tiny, tmp_path, monkeypatch):
+    """Train and evaluate under bf16 autocast; merge() must run with autocast off, so that every merged weight
+    is W + B A (computed here in float64) rounded once to fp32."""
+    seen = []
+    original = train_math.unilora.UniLoRA.merge
+
+    def spy(self):
+        factors = [(m.base.weight.detach().double().clone(), *(t.detach().double() for t in m.lora_factors()),
+                    m.base.weight) for _, m in self.layers()]
+        seen.append(torch.is_autocast_enabled("cpu"))
+        model = original(self)
+        for W, A, B, merged in factors:
+            exact = W + B @ A
+            assert ((merged.double() - exact).abs() <= exact.abs() * 2 ** -23 + 1e-9).all()  # one fp32 rounding
+        return model
+    monkeypatch.setattr(train_math.unilora.UniLoRA, "merge", spy)
+    res = main(base_args(tiny, tmp_path / "amp", "--max_steps", "2", "--dtype", "float32", "--amp", "bf16"))
+    assert seen == [False] and res["precision"] == {"dtype": "float32", "amp": "bf16"}
+
+
+def test_fp16_autocast_trains_with_a_gradient_scaler(tiny, tmp_path):
+    res = main(base_args(tiny, tmp_path / "fp16", "--max_steps", "2", "--dtype", "float32", "--amp", "fp16",
+                         "--no_eval"))
+    ckpt = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
+    assert res["precision"] == {"dtype": "float32", "amp": "fp16"} and ckpt["scaler"]["scale"] > 1
+    assert all(torch.isfinite(t).all() for t in ckpt["adapter_params"])
+
+
+def test_a_diverging_run_stops_and_saves_nothing_non_finite(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    args = base_args(tiny, out, "--lr", "1e35", "--max_steps", "4", "--save_every", "1", "--no_eval")
+    with pytest.raises(NonFiniteLoss, match="at step 2"):
+        main(args)
+    results = strict_json(out / "results.json")
+    assert results["status"] == "diverged" and "smaller learning rate" in results["error"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(t).all() for t in ckpt["adapter_params"])
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1]
+    monkeypatch.setattr(sys, "argv", ["train_math.py", *args[:-1], "--overwrite", "--no_eval"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(HERE / "train_math.py"), run_name="__main__")
+    assert str(exit_.value.code).startswith("error: the loss became nan at step 2")
+
+
+def oracle_for(tok, answer):
+    """A generate() that answers from the prompt: right for some problems, wrong for others."""
+    def generate(model, prompts, pad_id, end_id, max_new_tokens, stop, decode, device, autocast):
+        rows = []
+        for ids in prompts:
+            text = tok.decode(ids)
+            assert text.endswith("### Response: Let's think step by step.")  # the official evaluation prompt
+            question = text.split("### Instruction:\n")[1].split("\n\n### Response:")[0]
+            rows.append(tok.encode(answer(question)).ids)
+        return rows, ["eos"] * len(rows)
+    return generate
+
+
+def test_gsm8k_scoring_with_an_oracle(tiny, tmp_path, monkeypatch):
+    """Every other problem answered right: the accuracy must come out exact, answers back in file order, and a
+    run-on into '### Instruction:' cut away before reading."""
     tok = train_math.Tokenizer.from_pretrained(tiny["model"])
 
-    def oracle(self, input_ids, attention_mask, max_new_tokens, eos_token_id=None):
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            assert mask[0] == 0 or all(mask)  # padding sits on the left
-            text = tok.decode([t for t, m in zip(ids, mask) if m])
-            a, b = map(int, text.split("What is ")[1].split("?")[0].split(" plus "))
-            guess = a + b if a % 2 == 0 else a * b  # right for even a only
-            rows.append(tok.encode(f" {a} plus {b} is {guess}.\nThe answer is: {guess}").ids + [eos_token_id] * 3)
-        width = max(map(len, rows))
-        return torch.tensor([r + [eos_token_id] * (width - len(r)) for r in rows])
-
-    monkeypatch.setattr(pretrained.CausalLM, "generate", oracle)
-    res = main(base_args(tiny, tmp_path / "oracle", "--method", "none", "--max_eval_samples", "6",
-                         "--max_new_tokens", "64"))
+    def answer(question):
+        a, b = map(int, question.split("What is ")[1].split("?")[0].split(" plus "))
+        guess = a + b if a % 2 == 0 else a * b  # right for even a only
+        return f" {a} plus {b} is {guess}.\nThe answer is: {guess}\n\n### Instruction:\nThe answer is: {a + b}"
+    monkeypatch.setattr(train_math, "generate", oracle_for(tok, answer))
+    res = main(base_args(tiny, tmp_path / "oracle", "--method", "none", "--max_eval_samples", "6"))
     # test problems (12,30) (7,8) (100,23) (4,44) (9,9) (31,2): even a for 12, 100, 4
     assert res["after"]["correct"] == 3 and res["after"]["accuracy"] == 0.5
     rows = [json.loads(x) for x in (tmp_path / "oracle" / "predictions.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, True, True, False, False]
-    assert rows[1]["prediction"] == "56" and rows[1]["rule"] == "answer_is"
+    assert rows[1]["prediction"] == 56 and rows[1]["completion"].endswith("The answer is: 56\n\n### ")
 
+
+def test_math_scoring_by_level_and_subject(tiny, tmp_path, monkeypatch):
+    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    problems = [("What is $1+1$?", "$\\boxed{2}$", "Level 1", "Algebra", " The answer is: 2"),
+                ("Half of one?", "$\\boxed{\\frac{1}{2}}$", "Level 2", "Algebra", " The answer is: 1/2"),
+                ("Angle?", "$\\boxed{90^\\circ}$", "Level 2", "Geometry", " The answer is: 90"),
+                ("Cost?", "$\\boxed{\\$5}$", "Level 1", "Prealgebra", " The answer is 5")]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(dict(problem=q, solution=s, level=lv, type=t)) + "\n"
+                            for q, s, lv, t, _ in problems))
+    replies = {q: r for q, _, _, _, r in problems}
+    monkeypatch.setattr(train_math, "generate", oracle_for(tok, lambda q: replies[q]))
+    args = base_args(tiny, tmp_path / "math", "--method", "none", "--eval_data", str(path))
+    args.remove("--max_new_tokens")
+    args.remove("6")
+    after = main(args)["after"]
+    assert after["task"] == "math" and after["max_new_tokens"] == 2048
+    assert (after["correct"], after["n"], after["correct_lenient"], after["no_answer_mark"]) == (3, 4, 4, 1)
+    assert after["by_level"] == {"Level 1": dict(accuracy=0.5, correct=1, n=2),
+                                 "Level 2": dict(accuracy=1.0, correct=2, n=2)}
+    assert after["by_subject"]["Algebra"]["correct"] == 2 and after["by_subject"]["Prealgebra"]["correct"] == 0
+
+
+# ------------------------------------------------------------------------------------------- command line
 
 def test_command_line(tiny, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, str(HERE / "train_math.py"), *base_args(tiny, out, "--max_steps", "2")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "GSM8K accuracy" in proc.stdout
-    results = json.loads((out / "results.json").read_text())
+    assert "GSM8K accuracy (official)" in proc.stdout
+    results = strict_json(out / "results.json")
     assert results["train"]["steps"] == 2 and "hf_token" not in results["args"]
-    assert (out / "adapter.pt").is_file() and (out / "predictions.jsonl").is_file()
+    assert (out / "adapter.pt").is_file() and (out / "predictions.jsonl").is_file() and (out / "run.json").is_file()
+
+
+def run_as_script(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["train_math.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(HERE / "train_math.py"), run_name="__main__")
+    return exit_.value.code
 
 
 def test_user_errors_exit_without_traceback(tiny, tmp_path, monkeypatch):
-    """Run the file as __main__ in-process (runpy): a fixable mistake is one 'error: ...' line, exit status 1."""
-    import runpy
-    monkeypatch.setattr(sys, "argv", ["train_math.py", "--model", tiny["model"], "--train_data",
-                                      str(tmp_path / "missing.jsonl"), "--out_dir", str(tmp_path / "x")])
+    code = run_as_script(monkeypatch, ["--model", tiny["model"], "--train_data", str(tmp_path / "missing.jsonl"),
+                                       "--output_dir", str(tmp_path / "x")])
+    assert str(code).startswith("error: data file") and "missing.jsonl does not exist" in code
+    code = run_as_script(monkeypatch, ["--eval_only", "--output_dir", str(tmp_path / "y")])
+    assert code == "error: --eval_only needs --load <run folder>; to evaluate the base model use --method none"
+    code = run_as_script(monkeypatch, ["--load", str(tmp_path)])
+    assert str(code).startswith("error: --load is for --eval_only")
+    code = run_as_script(monkeypatch, ["--resume", "--overwrite"])
+    assert str(code).startswith("error: --resume continues the run") and "drop one" in code
+    code = run_as_script(monkeypatch, ["--template", "chat"])
+    assert "--protocol official uses the Alpaca prompt" in code
+    code = run_as_script(monkeypatch, ["--model", tiny["model"], "--device", "gpu:7", "--output_dir",
+                                       str(tmp_path / "z")])
+    assert str(code).startswith("error: --device gpu:7")
+    code = run_as_script(monkeypatch, ["--model", tiny["model"], "--output_dir", tiny["model"]])
+    assert "holds a model" in code and (Path(tiny["model"]) / "config.json").is_file()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max_steps", "0"), ("--max_steps", "-3"), ("--epochs", "0"), ("--batch_size", "0"), ("--grad_accum", "0"),
+    ("--micro_batch_size", "-1"), ("--eval_batch_size", "0"), ("--save_every", "0"), ("--max_train_samples", "0"),
+    ("--max_eval_samples", "-1"), ("--max_new_tokens", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--d", "0"),
+    ("--warmup_ratio", "1.5"), ("--dropout", "-0.1"), ("--stop_after", "0"), ("--seed", "-1"), ("--dtype", "fp8"),
+    ("--grad_clip", "-1"), ("--weight_decay", "-0.5"), ("--r", "0"), ("--threads", "0"), ("--lora_alpha", "0"),
+    ("--max_length", "0"), ("--epochs", "2.5"),
+])
+def test_numbers_are_checked_before_anything_is_written(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(HERE / "train_math.py"), run_name="__main__")
-    assert str(exit_.value.code).startswith("error: data file") and "missing.jsonl does not exist" in exit_.value.code
+        main(["--output_dir", str(tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_flags_agree(tmp_path):
+    with pytest.raises(UserError, match="--grad_accum 3"):
+        main(["--output_dir", str(tmp_path / "run"), "--batch_size", "16", "--grad_accum", "3"])
+    with pytest.raises(SystemExit):
+        train_math.parse_args(["--micro_batch_size", "4", "--grad_accum", "4"])
+    assert train_math.parse_args(["--batch_size", "16", "--grad_accum", "4"]).micro_batch_size == 4
+    assert train_math.parse_args(["--max_eval_samples", "all"]).max_eval_samples is None
+    assert train_math.parse_args(["--out_dir", "old/spelling"]).output_dir == "old/spelling"
+    assert train_math.parse_args([]).signs is True and train_math.parse_args(["--no-signs"]).signs is False
+    paper = train_math.parse_args(["--recipe", "paper"])
+    assert (paper.model, paper.protocol, paper.signs, paper.max_eval_samples) == ("google/gemma-7b", "official",
+                                                                                 False, None)

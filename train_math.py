@@ -1,18 +1,27 @@
-"""Fine-tune a Llama-family causal LM on math word problems with Uni-LoRA, then measure GSM8K accuracy.
+"""Fine-tune a causal LM on math word problems with Uni-LoRA, then score GSM8K or MATH the way the paper did.
 
-This is the paper's second experiment (Uni-LoRA, NeurIPS 2025, Sec. "Mathematical reasoning") as one plain
-script: MetaMathQA-style (question, worked solution) pairs, an Alpaca prompt, the loss on the response only,
-AdamW on the single trainable vector theta_d with a cosine schedule, then merge the adapter into the base
-weights and greedy-decode the GSM8K test set, reading the number after "The answer is:".
+This is the paper's second experiment (Uni-LoRA, NeurIPS 2025, Table 3) as one plain script: MetaMathQA
+(question, worked solution) pairs under an Alpaca prompt, the loss on the response only, AdamW on the single
+trainable vector theta_d with a cosine schedule; then the adapter is merged into the base weights (in fp32,
+outside autocast), the test problems are decoded greedily and the answer after "The answer is: " is scored.
 
-    python train_math.py                      # small recipe: SmolLM2-135M-Instruct, laptop-sized
-    python train_math.py --recipe paper       # the paper's 7B recipe (needs a GPU; see the README)
-    python train_math.py --method lora        # plain-LoRA baseline through the same pipeline
-    python train_math.py --method none        # the base model, no training
+    python train_math.py                          # small recipe: SmolLM2-135M-Instruct, laptop-sized
+    python train_math.py --recipe paper           # the paper's Gemma-7B recipe (a GPU; see the README)
+    python train_math.py --eval_data math         # score the MATH test set instead of GSM8K
+    python train_math.py --method lora            # plain-LoRA baseline through the same pipeline
+    python train_math.py --method none            # the base model, no training
+    python train_math.py --eval_only --load out/math-unilora   # evaluate a saved run again (into eval-N/)
 
-It needs only torch, numpy and tqdm: models, tokenizers, hub downloads and KV-cache generation come from
-pretrained.py, the adapters from unilora.py.  Outputs go to --out_dir: results.json, predictions.jsonl,
-adapter.pt, checkpoint.pt (resume with --resume) and train_log.jsonl.
+--protocol official (the default) is the official code's protocol, point by point: training text = prompt +
+response + EOS with no separator; evaluation prompt ending "### Response: Let's think step by step."; decoding
+stops at "Instruction:", "Instruction", "Response:", "Response" or EOS, within 1,024 new tokens (MATH: 2,048);
+GSM8K: the first number after the LAST "The answer is: ", round(float(...)) == reference; MATH: the text after
+it equals the last \\boxed{...} of the reference solution after MetaMath's LaTeX normalisation. A lenient reading
+is reported next to it under its own name. --protocol plain is this project's earlier protocol.
+
+Needs only torch, numpy and tqdm (models, tokenizers and hub downloads come from pretrained.py, the adapters
+from unilora.py). Outputs in --output_dir: run.json, train_log.jsonl, checkpoint.pt (--resume), adapter.pt,
+results.json, predictions.jsonl.
 """
 import argparse
 import contextlib
@@ -20,10 +29,14 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
+import urllib.parse
+from collections import defaultdict
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +45,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
-from pretrained import CausalLM, Tokenizer, atomic_write, download, pad, resolve
-
+from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, download, fraction,
+                        hub_endpoint, hub_token, new_eval_dir, nonnegative_float, nonnegative_int, pad,
+                        positive_float, positive_int, prepare_output_dir, resolve, write_json)
 
 
 class UserError(Exception):
@@ -45,24 +59,22 @@ class UserError(Exception):
 # setup is one flag away and any single value can still be overridden.
 
 RECIPES = {
-    # Runs on a laptop CPU.  SmolLM2-135M-Instruct is a LlamaForCausalLM (the architecture pretrained.py
-    # implements), 135M parameters, Apache-2.0 and ungated; its tokenizer splits every digit, which suits
-    # arithmetic.  D (r=4, all linear layers) is 1.22M; d = 2^16 keeps d/D near the paper's Gemma-7B ratio
-    # (524,288 / 12.5M = 4.2%).
+    # Runs on a laptop CPU.  SmolLM2-135M-Instruct is a LlamaForCausalLM, 135M parameters, Apache-2.0 and
+    # ungated; its tokenizer splits every digit, which suits arithmetic.  D (r=4, all linear layers) is 1.22M;
+    # d = 2^16 keeps d/D near the paper's Gemma-7B ratio (524,288 / 12.5M = 4.2%).
     "small": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data="metamathqa", max_train_samples=2000,
-        eval_data="gsm8k", max_eval_samples=200, template="alpaca", max_length=384, epochs=1, batch_size=16,
-        micro_batch_size=4, d=65536, r=4, signs="on", warmup_ratio=0.02, max_new_tokens=256,
+        eval_data="gsm8k", max_eval_samples=200, template="alpaca", protocol="official", max_length=384,
+        epochs=1, batch_size=16, micro_batch_size=4, d=65536, r=4, signs=True, warmup_ratio=0.02,
         eval_batch_size=16, save_every=25,
     ),
-    # The paper: Gemma-7B / Mistral-7B, all linear layers except lm_head, r=4, d=2^19, first 100K MetaMathQA
-    # examples, Alpaca prompt, max length 512, 2 epochs, effective batch 64, theta_d lr 2e-3, cosine, 2% warmup,
-    # no weight decay, full GSM8K test, and the paper's P without signs.  Mistral is the default model because
-    # pretrained.py loads Llama/Mistral/Qwen2 checkpoints; Gemma needs a Gemma-capable loader.
+    # The official script: google/gemma-7b (the model of Table 3; --model mistralai/Mistral-7B-v0.1 for the
+    # other one), all linear layers except lm_head, r=4, d=2^19, first 100K MetaMathQA examples, max length 512,
+    # 2 epochs, effective batch 64, lr 2e-3, cosine, 2% warmup, no weight decay, the paper's P without signs.
     "paper": dict(
-        model="mistralai/Mistral-7B-v0.1", train_data="metamathqa", max_train_samples=100_000,
-        eval_data="gsm8k", max_eval_samples=None, template="alpaca", max_length=512, epochs=2, batch_size=64,
-        micro_batch_size=4, d=524_288, r=4, signs="off", warmup_ratio=0.02, max_new_tokens=512,
+        model="google/gemma-7b", train_data="metamathqa", max_train_samples=100_000,
+        eval_data="gsm8k", max_eval_samples="all", template="alpaca", protocol="official", max_length=512,
+        epochs=2, batch_size=64, micro_batch_size=4, d=524_288, r=4, signs=False, warmup_ratio=0.02,
         eval_batch_size=32, save_every=200,
     ),
 }
@@ -75,127 +87,228 @@ ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{query}\n\n### Response:"
 )
+# What each protocol changes.  official: the Uni-LoRA repository's training script and its gsm8k_eval.py /
+# MATH_eval.py (MetaMath's evaluation with vLLM).  plain: the prompt of training reused at evaluation, one space
+# before the response, EOS as the only stop, and a fixed budget.
+PROTOCOLS = {
+    "official": dict(separator="", eval_suffix=" Let's think step by step.",
+                     stop=("Instruction:", "Instruction", "Response:", "Response"),
+                     max_new_tokens={"gsm8k": 1024, "math": 2048}),
+    "plain": dict(separator=" ", eval_suffix="", stop=(), max_new_tokens={"gsm8k": 512, "math": 1024}),
+}
 METAMATHQA = ("meta-math/MetaMathQA", "MetaMathQA-395K.json")
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+# The file MetaMath's (and Uni-LoRA's) MATH evaluation reads: the 5,000 MATH test problems, instruction/output.
+MATH_URL = "https://raw.githubusercontent.com/meta-math/MetaMath/main/data/test/MATH_test.jsonl"
+PRECISION = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Fields that must match for --resume to continue a run; anything else (eval settings, micro-batch size,
-# --stop_after) may change between the two invocations.
-RESUME_KEYS = ("method", "model", "train_data", "max_train_samples", "prompt_field", "response_field", "template",
-               "system_prompt", "max_length", "epochs", "max_steps", "batch_size", "lr", "warmup_ratio",
-               "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs", "dropout", "seed")
+# Settings that must match for --resume to continue a run (eval settings, micro-batch size, --stop_after may
+# change).  train_sha256 is the training file's content, n_train the examples it gave.
+RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_samples", "prompt_field",
+               "response_field", "template", "system_prompt", "protocol", "max_length", "epochs", "max_steps",
+               "batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs",
+               "dropout", "seed", "dtype", "amp", "n_train")
+# What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).
+RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def count_or_all(text):
+    return "all" if text == "all" else positive_int(text)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="defaults for unset flags (small)")
-    p.add_argument("--method", choices=("unilora", "lora", "none"), default="unilora",
+    p.add_argument("--method", choices=("unilora", "lora", "none"),
                    help="unilora (default), lora (baseline), none (evaluate the base model)")
     p.add_argument("--model", help="hub name or local folder (recipe)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="official (default): the paper's training text, prompt, stops, budgets and scoring;\n"
+                        "plain: the same prompt at training and test, stop at EOS only")
     # data
     p.add_argument("--train_data", help="metamathqa | gsm8k | path to .json/.jsonl | http(s) URL (recipe)")
     p.add_argument("--prompt_field", help="question field of --train_data (auto: query, question, instruction)")
     p.add_argument("--response_field", help="answer field of --train_data (auto: response, answer, output)")
-    p.add_argument("--max_train_samples", type=int, help="use the first N training examples (recipe)")
-    p.add_argument("--eval_data", help="gsm8k | path | URL; fields question/answer or query/response (recipe)")
-    p.add_argument("--max_eval_samples", type=int, help="evaluate the first N problems; 0 = all (recipe)")
+    p.add_argument("--max_train_samples", type=count_or_all, help="use the first N training examples, or all")
+    p.add_argument("--eval_data", help="gsm8k | math | path | URL: fields question/answer, query/response,\n"
+                                       "problem/solution (MATH) or instruction/output (MetaMath's MATH_test)")
+    p.add_argument("--max_eval_samples", type=count_or_all, help="evaluate the first N problems, or all (recipe)")
     p.add_argument("--data_dir", default=os.environ.get("UNILORA_DATA", str(Path.home() / ".cache/unilora/data")),
                    help="where downloaded data files are kept (env UNILORA_DATA)")
     p.add_argument("--template", choices=("alpaca", "chat"), help="prompt format (recipe: alpaca)")
     p.add_argument("--system_prompt", help="chat template only: replaces the template's default system message")
-    p.add_argument("--max_length", type=int, help="truncate prompt+response to this many tokens (recipe)")
+    p.add_argument("--max_length", type=positive_int, help="truncate prompt+response to this many tokens (recipe)")
     # optimisation
-    p.add_argument("--epochs", type=int, help="passes over the training data (recipe)")
-    p.add_argument("--max_steps", type=int, help="optimizer steps; overrides --epochs (schedule follows it)")
-    p.add_argument("--stop_after", type=int, help="exit after this many steps with a checkpoint (job time limits)")
-    p.add_argument("--batch_size", type=int, help="effective batch size (recipe)")
-    p.add_argument("--micro_batch_size", type=int, help="examples per forward; accumulation fills the batch")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
-    p.add_argument("--warmup_ratio", type=float, help="fraction of steps of linear warmup (recipe)")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 = off")
-    p.add_argument("--d", type=int, help="Uni-LoRA: length of theta_d (recipe)")
-    p.add_argument("--r", type=int, help="LoRA rank of both methods (recipe: 4)")
-    p.add_argument("--lora_alpha", type=float, help="LoRA baseline scale alpha/r (default alpha = r)")
-    p.add_argument("--signs", choices=("on", "off"), help="Uni-LoRA: random +-1 per row of P (on), or the "
-                   "paper's all-positive P (off) (recipe: small on, paper off)")
-    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout on the layer input")
-    p.add_argument("--seed", type=int, default=0, help="projection, LoRA init and data order")
-    # checkpoints, evaluation
-    p.add_argument("--out_dir", help="default out/math-<method>")
-    p.add_argument("--save_every", type=int, help="checkpoint every N steps (recipe)")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt")
-    p.add_argument("--eval_only", action="store_true", help="skip training; with --adapter evaluate that adapter")
-    p.add_argument("--adapter", help="adapter file (adapter.pt) to evaluate with --eval_only")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training data (recipe)")
+    p.add_argument("--max_steps", type=positive_int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--stop_after", type=positive_int, help="exit after this many steps with a checkpoint")
+    p.add_argument("--batch_size", type=positive_int, help="effective batch size (recipe)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward (recipe)")
+    split.add_argument("--grad_accum", type=positive_int, help="or: micro-batches per step (batch_size / grad_accum)")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
+    p.add_argument("--warmup_ratio", type=fraction, help="fraction of steps of linear warmup (recipe)")
+    p.add_argument("--weight_decay", type=nonnegative_float, default=0.0)
+    p.add_argument("--grad_clip", type=nonnegative_float, default=1.0, help="max gradient norm; 0 = off")
+    p.add_argument("--d", type=positive_int, help="Uni-LoRA: length of theta_d (recipe)")
+    p.add_argument("--r", type=positive_int, help="LoRA rank of both methods (recipe: 4)")
+    p.add_argument("--lora_alpha", type=positive_float, help="LoRA baseline scale alpha/r (default alpha = r)")
+    p.add_argument("--signs", action=argparse.BooleanOptionalAction,
+                   help="Uni-LoRA: random +-1 per row of P, or the paper's all-positive P (recipe: small on,\n"
+                        "paper off)")
+    p.add_argument("--dropout", type=fraction, default=0.0, help="adapter dropout on the layer input")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="projection, LoRA init and data order")
+    # precision
+    p.add_argument("--dtype", choices=("auto", *PRECISION), default="auto",
+                   help="base weights: auto = bfloat16 on CUDA, float32 on CPU; the official run: float32")
+    p.add_argument("--amp", choices=("auto", *AMP), default="auto",
+                   help="autocast: auto = bf16 on CUDA (fp16 for float16 weights), none on CPU; the official\n"
+                        "run: fp16 (with a gradient scaler)")
+    # runs, checkpoints, evaluation
+    p.add_argument("--output_dir", help="run folder (default out/math-<method>; --eval_only: <load>/eval-N)")
+    p.add_argument("--out_dir", dest="output_dir", help=argparse.SUPPRESS)  # the earlier spelling
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output_dir")
+    p.add_argument("--save_every", type=positive_int, help="checkpoint every N steps (recipe)")
+    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint.pt")
+    p.add_argument("--eval_only", action="store_true", help="evaluate the run saved in --load")
+    p.add_argument("--load", help="a run folder written by this script (with --eval_only)")
+    p.add_argument("--adapter", help=argparse.SUPPRESS)  # earlier spelling: the adapter.pt inside a run folder
     p.add_argument("--no_eval", action="store_true", help="train only")
-    p.add_argument("--max_new_tokens", type=int, help="generation budget per problem (recipe)")
-    p.add_argument("--eval_batch_size", type=int, help="problems decoded together, left-padded (recipe)")
+    p.add_argument("--max_new_tokens", type=positive_int,
+                   help="generation budget per problem (protocol: official 1,024 GSM8K / 2,048 MATH)")
+    p.add_argument("--eval_batch_size", type=positive_int, help="problems decoded together, left-padded (recipe)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a machine "
-                   "shared with other jobs 1 is often fastest")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="base weights: auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--hf_token", default=os.environ.get("HF_TOKEN"), help="for gated models (env HF_TOKEN)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--hf_token", help="for gated models and hub data (default: $HF_TOKEN); sent to the hub only")
     args = p.parse_args(argv)
-
+    explicit = {k for k in RUN_KEYS if getattr(args, k, None) is not None}
+    if args.adapter:
+        args.load = args.load or str(Path(args.adapter).parent)
+    if args.load and not args.eval_only:
+        raise UserError("--load is for --eval_only; to continue training a run use --resume --output_dir <run>")
+    if args.eval_only:
+        if not args.load:
+            raise UserError("--eval_only needs --load <run folder>; to evaluate the base model use --method none")
+        take_run_settings(args, explicit)
+    args.method = args.method or "unilora"
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("max_train_samples", "max_eval_samples"):
+        setattr(args, key, None if getattr(args, key) == "all" else getattr(args, key))
     if args.lr is None and args.method != "none":
         args.lr = DEFAULT_LR[args.method]
-    if args.out_dir is None:
-        args.out_dir = f"out/math-{args.method}"
-    if args.max_eval_samples == 0:
-        args.max_eval_samples = None
-    if args.method == "none":
-        args.eval_only = True
-    if args.adapter and not args.eval_only:
-        raise UserError("--adapter is for --eval_only; to continue training use --resume")
-    if args.adapter and args.method == "none":
-        raise UserError("--adapter needs --method unilora or lora (the kind of adapter it is)")
-    if args.resume and args.eval_only:
-        raise UserError("--resume continues training; to evaluate a finished run pass --eval_only --adapter "
-                        "<out_dir>/adapter.pt")
+    args.train = not args.eval_only and args.method != "none"
+    check_flag_combinations(args)
+    return args
+
+
+def take_run_settings(args, explicit):
+    """--eval_only --load DIR: the model, method and prompt come from the run; a flag that contradicts it is an
+    error rather than a silently different evaluation."""
+    run_dir, config = Path(args.load), None
+    try:
+        if (run_dir / "run.json").is_file():
+            config = json.loads((run_dir / "run.json").read_text())
+        elif (run_dir / "results.json").is_file():  # runs written before run.json existed
+            config = json.loads((run_dir / "results.json").read_text()).get("args")
+    except (ValueError, AttributeError):
+        config = None
+    if not isinstance(config, dict) or not (run_dir / "adapter.pt").is_file() and config.get("method") != "none":
+        raise UserError(f"--load {run_dir}: not a run folder of train_math.py (needs run.json and adapter.pt)")
+    for key in RUN_KEYS:
+        saved = config.get(key, "plain" if key == "protocol" else None)  # older runs: today's plain protocol
+        if saved is None:
+            continue
+        if key in explicit and getattr(args, key) != saved:
+            raise UserError(f"--{key} {getattr(args, key)} contradicts the run in --load ({key} {saved!r}); drop "
+                            f"--{key}")
+        setattr(args, key, saved)
+    for key in ("eval_data", "max_eval_samples"):  # by default the run's own test problems again
+        if getattr(args, key) is None and key in config:
+            setattr(args, key, "all" if config[key] is None else config[key])
+
+
+def check_flag_combinations(args):
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --output_dir and --overwrite would replace it; drop one")
+    if args.resume and not args.train:
+        raise UserError("--resume continues training; to evaluate a finished run use --eval_only --load <run>")
     if args.eval_only and args.no_eval:
         raise UserError("--eval_only with --no_eval does nothing; drop one of them")
+    if args.method == "none" and args.no_eval:
+        raise UserError("--method none only evaluates; drop --no_eval")
+    if args.grad_accum:
+        if args.batch_size % args.grad_accum:
+            raise UserError(f"--batch_size {args.batch_size} is not a multiple of --grad_accum {args.grad_accum}")
+        args.micro_batch_size = args.batch_size // args.grad_accum
     if args.micro_batch_size > args.batch_size or args.batch_size % args.micro_batch_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
                         f"{args.micro_batch_size}")
-    return args
+    for flag, source in (("--train_data", args.train_data if args.train else None),
+                         ("--eval_data", None if args.no_eval else args.eval_data)):
+        named = source in (None, "metamathqa", "gsm8k", "math") or re.match(r"https?://", source)
+        if not named and not Path(source).expanduser().is_file():
+            raise UserError(f"data file {source} does not exist ({flag}); pass a .json/.jsonl path, a URL, or "
+                            f"metamathqa / gsm8k / math to download")
+    if args.protocol == "official" and args.template != "alpaca":
+        raise UserError("--protocol official uses the Alpaca prompt of the official code; pass --template alpaca, "
+                        "or --protocol plain to train with the chat template")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: read (question, solution) pairs, with errors that say which file and line is bad.
 
+def same_host(url, other):
+    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
+    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+
+
 def fetch(source, split, data_dir, token):
-    """Turn --train_data/--eval_data into a local file, downloading it once into data_dir."""
+    """Turn --train_data/--eval_data into a local file, downloading it once into data_dir.  The hub token goes
+    to the hub endpoint only: GSM8K, MATH and other URLs never see it."""
     if source == "metamathqa":
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         repo, name = METAMATHQA
-        url, dest = f"{endpoint}/datasets/{repo}/resolve/main/{name}", Path(data_dir) / repo.replace("/", "--") / name
+        url = f"{hub_endpoint()}/datasets/{repo}/resolve/main/{name}"
+        dest = Path(data_dir) / repo.replace("/", "--") / name
     elif source == "gsm8k":
         url, dest = GSM8K_URL.format(split=split), Path(data_dir) / "gsm8k" / f"{split}.jsonl"
+    elif source == "math":
+        url, dest = MATH_URL, Path(data_dir) / "math" / "MATH_test.jsonl"
     elif re.match(r"https?://", source):
         tag = hashlib.sha1(source.encode()).hexdigest()[:12]
-        url, dest = source, Path(data_dir) / "urls" / tag / source.rstrip("/").rsplit("/", 1)[-1]
+        name = re.sub(r"[^\w.-]", "_", urllib.parse.urlsplit(source).path.rstrip("/").rsplit("/", 1)[-1])
+        url, dest = source, Path(data_dir) / "urls" / tag / (name.strip(".") and name or "data")
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"data file {path} does not exist; pass a .json/.jsonl path, a URL, or "
-                            f"metamathqa / gsm8k to download")
+                            f"metamathqa / gsm8k / math to download")
         return path
     if not dest.is_file():
         print(f"downloading {url} -> {dest}")
         try:
-            download(url, dest, token=token)
+            download(url, dest, token=hub_token(token) if same_host(url, hub_endpoint()) else None)
         except Exception as e:  # network, 404, auth: all need the same advice
             raise UserError(f"could not download {url} ({e}); without network, pass a local file instead "
-                            f"(e.g. --train_data ~/.cache/unilora-assets/gsm8k/train.jsonl)") from e
+                            f"(e.g. --eval_data ~/.cache/unilora-assets/gsm8k/test.jsonl)") from e
     return dest
 
 
 def read_records(path):
-    """A .json array (MetaMathQA ships one) or JSONL; returns [(where, dict)] with where = 'file:line'."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A .json array (MetaMathQA ships one) or JSONL, UTF-8 with or without a BOM; [(where, dict)]."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x}); convert the file to UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -220,11 +333,14 @@ def read_records(path):
     return records
 
 
+FIELD_PAIRS = (("query", "response"), ("question", "answer"), ("problem", "solution"), ("instruction", "output"))
+
+
 def pick_fields(records, prompt_field, response_field, path):
-    """Explicit fields win; otherwise recognise MetaMathQA, GSM8K or Alpaca field names."""
+    """Explicit fields win; otherwise recognise MetaMathQA, GSM8K, MATH or Alpaca/MetaMath-test field names."""
     keys = records[0][1].keys()
     if prompt_field is None or response_field is None:
-        for q, a in (("query", "response"), ("question", "answer"), ("instruction", "output")):
+        for q, a in FIELD_PAIRS:
             if q in keys and a in keys:
                 prompt_field, response_field = prompt_field or q, response_field or a
                 break
@@ -262,7 +378,151 @@ def to_metamath_format(solution):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Answers: what the model said, and whether it equals the reference.
+# Scoring, official: exactly the rules of the official gsm8k_eval.py / MATH_eval.py (MetaMath's evaluation).
+
+ANSWER_MARK = "The answer is: "
+OFFICIAL_NUMBER = re.compile(r"[-+]?\d*[.,/]?\d+")
+
+
+def official_gsm8k_answer(completion):
+    """The first number after the LAST 'The answer is: ', as round(float(...)); None if there is none.  The
+    pattern allows one separator, so '1,234' is 1234 but '1,234,567' reads as 1234; 'a/b' is a fraction (b = 0
+    gives a); round() is Python's, halves to even (2.5 -> 2)."""
+    if ANSWER_MARK not in completion:
+        return None
+    m = OFFICIAL_NUMBER.search(completion.split(ANSWER_MARK)[-1].strip())
+    if not m:
+        return None
+    token = m.group()
+    numerator, _, denominator = token.partition("/")
+    if denominator and not numerator.lstrip("+-").isdigit():  # '/5': the official code finds no number either
+        return None
+    try:
+        if not denominator:
+            value = float(token.replace(",", ""))
+        elif int(denominator) == 0:  # the official code returns the numerator
+            value = float(numerator)
+        else:
+            value = float(Fraction(int(numerator), int(denominator)))
+    except (OverflowError, ValueError):  # thousands of digits: no answer (the official code would crash)
+        return None
+    return None if math.isinf(value) else round(value)
+
+
+def gsm8k_reference(solution):
+    """The number after the last '####' (GSM8K) or 'The answer is:' (MetaMath style), commas removed."""
+    for mark in ("####", "The answer is:"):
+        if mark in solution:
+            text = solution.rsplit(mark, 1)[1].strip().replace(",", "")
+            try:
+                value = Decimal(text)
+            except InvalidOperation:
+                return None
+            return float(value) if value.is_finite() else None
+    return None
+
+
+def official_math_answer(completion):
+    """The text after the last 'The answer is: ', up to the first '.\\n', one trailing '.' dropped."""
+    if ANSWER_MARK not in completion:
+        return None
+    text = completion.split(ANSWER_MARK)[-1].split(".\n")[0].strip()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+def last_boxed(solution):
+    """The content of the last \\boxed{...} (braces balanced), or None; as the official code, a \\fbox or a
+    \\boxed without braces gives None, which scores every answer wrong."""
+    start = solution.rfind("\\boxed")
+    start = start if start >= 0 else solution.rfind("\\fbox")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(solution)):
+        depth += {"{": 1, "}": -1}.get(solution[i], 0)
+        if solution[i] == "}" and depth == 0:
+            boxed = solution[start:i + 1]
+            return boxed[len("\\boxed{"):-1] if boxed.startswith("\\boxed{") else None
+    return None
+
+
+def _brace_first_char(s, command):
+    """'\\sqrt2' -> '\\sqrt{2}'; None where the command ends the string (the official code raises there)."""
+    head, *parts = s.split(command)
+    for part in parts:
+        if not part:
+            return None
+        head += command + (part if part[0] == "{" else "{" + part[0] + "}" + part[1:])
+    return head
+
+
+def _fix_fracs(s):
+    """'\\frac12' -> '\\frac{1}{2}', '\\frac1{72}' -> '\\frac{1}{72}'; None where the official code raises."""
+    head, *parts = s.split("\\frac")
+    for part in parts:
+        if not part:
+            return None
+        if part[0] == "{":
+            head += "\\frac" + part
+        elif len(part) < 2:
+            return s  # the official code gives up and keeps the string as it was
+        elif part[1] == "{":
+            head += "\\frac{" + part[0] + "}" + part[1:]
+        else:
+            head += "\\frac{" + part[0] + "}{" + part[1] + "}" + part[2:]
+    return head
+
+
+def _slash_to_frac(s):
+    a, _, b = s.partition("/")
+    try:
+        if s.count("/") == 1 and s == f"{int(a)}/{int(b)}":
+            return f"\\frac{{{int(a)}}}{{{int(b)}}}"
+    except ValueError:  # not integers (or thousands of digits)
+        pass
+    return s
+
+
+def normalize_math(s):
+    """MetaMath's (and the MATH paper's) answer normalisation, step by step; None where their code raises, in
+    which case the raw strings are compared."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+        s = s.replace(old, new)
+    if "\\text{ " in s:  # units: only a '\text{ ' with a space, and only once
+        parts = s.split("\\text{ ")
+        if len(parts) != 2:
+            return None
+        s = parts[0]
+    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    sides = s.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:  # 'x = 5', 'k=5' -> '5'
+        s = sides[1]
+    s = _brace_first_char(s, "\\sqrt")
+    if s is None:
+        return None
+    s = _fix_fracs(s.replace(" ", ""))
+    if s is None:
+        return None
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _slash_to_frac(s)
+
+
+def math_equal(prediction, reference):
+    """The official is_equiv: equal after normalisation (raw equality where normalising fails)."""
+    if prediction is None or reference is None:
+        return False
+    a, b = normalize_math(prediction), normalize_math(reference)
+    return prediction == reference if a is None or b is None else a == b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring, lenient: a second number for reading small models, never in place of the official one.
 
 NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
 
@@ -272,17 +532,16 @@ def normalize_number(s):
     s = s.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
         x = Decimal(s)
-    except InvalidOperation:
+        if not x.is_finite():
+            return None
+        return str(int(x)) if x == x.to_integral_value() else format(x.normalize(), "f")
+    except (InvalidOperation, ValueError):  # not a number, or too many digits to print
         return None
-    if not x.is_finite():
-        return None
-    return str(int(x)) if x == x.to_integral_value() else format(x.normalize(), "f")
 
 
 def extract_answer(text):
-    """Returns (answer or None, rule).  Rules in order: the number after the last 'The answer is' (MetaMathQA),
-    after the last '####' (GSM8K), else the last number in the text.  '$' is dropped first so '$1,200' reads
-    as 1200."""
+    """Lenient GSM8K reading: (answer or None, rule).  The number after the last 'The answer is' (colon and
+    case optional), after the last '####', else the last number in the text; '$' is dropped first."""
     text = text.replace("$", "")
     markers = list(re.finditer(r"the answer is:?", text, re.IGNORECASE))
     if markers:
@@ -303,6 +562,31 @@ def same_number(pred, ref):
     if pred is None or ref is None:
         return False
     return math.isclose(float(pred), float(ref), rel_tol=1e-9, abs_tol=1e-6)
+
+
+def lenient_math_answer(completion):
+    """The text after the last 'The answer is' (any case, colon optional), else the last \\boxed{...}."""
+    markers = list(re.finditer(r"the answer is:?", completion, re.IGNORECASE))
+    if markers:
+        return completion[markers[-1].end():].split(".\n")[0].strip().rstrip(".").strip(" $")
+    return last_boxed(completion)
+
+
+def lenient_math_equal(prediction, reference):
+    """math_equal, or equal after also dropping \\boxed, $, %, any trailing \\text{..} unit and trailing zeros."""
+    if math_equal(prediction, reference):
+        return True
+    if prediction is None or reference is None:
+        return False
+
+    def clean(s):
+        s = (last_boxed(s) if s.startswith("\\boxed{") else None) or s
+        for mark in ("\\$", "$", "\\%", "%"):
+            s = s.replace(mark, "")
+        s = re.sub(r"\\(?:text|mbox|mathrm)\{[^{}]*\}\s*$", "", s).strip()
+        s = normalize_math(s) or s
+        return re.sub(r"^(-?\d+)\.0+$", r"\1", s.replace(",", ""))
+    return clean(prediction) == clean(reference)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,19 +613,17 @@ def chatml_prompt_builder(model_dir, system_prompt):
 
 
 class Formatter:
-    """Builds the prompt text, and the token ids of prompt + response + end token with the prompt masked."""
+    """Builds the training ids (prompt + response + end token, prompt masked) and the evaluation prompt."""
 
-    def __init__(self, tok, template, model_dir, config, system_prompt=None):
-        self.tok = tok
+    def __init__(self, tok, template, model_dir, config, system_prompt=None, protocol="official"):
+        self.tok, self.official = tok, protocol == "official"
+        self.sep, self.eval_suffix = PROTOCOLS[protocol]["separator"], PROTOCOLS[protocol]["eval_suffix"]
         if template == "alpaca":
-            self.render, self.sep = (lambda query: ALPACA_PROMPT.format(query=query)), " "
-            # MetaMath-style training code glues the response straight onto "### Response:"; one space gives
-            # the first word its usual word-initial token.
+            self.render = lambda query: ALPACA_PROMPT.format(query=query)
             end = tok.eos_id if tok.eos_id is not None else config.get("eos_token_id")
             end = end[0] if isinstance(end, list) else end
         else:
-            render = chatml_prompt_builder(model_dir, system_prompt)
-            self.render, self.sep = render, ""
+            self.render = chatml_prompt_builder(model_dir, system_prompt)
             end = tok.token_to_id("<|im_end|>")
             ids = tok.encode(self.render("x")).ids
             if tok.token_to_id("<|im_start|>") is None or tok.token_to_id("<|im_start|>") not in ids:
@@ -353,18 +635,21 @@ class Formatter:
         self.end_id = end
         self.boundary_fixes = 0
 
+    def eval_prompt_ids(self, query):
+        return self.tok.encode(self.render(query) + self.eval_suffix).ids
+
     def split(self, query, response):
-        """(prompt ids, response ids) without the end token.  The prompt is tokenised alone and together with
-        the response: the joint ids are what the tokenizer naturally produces, and when the prompt ids are
-        their prefix (the usual case) evaluation sees exactly the prefix that training saw.  Otherwise the two
-        parts are tokenised apart and concatenated, which keeps that guarantee, and the case is counted."""
+        """(prompt ids, response ids) without the end token.  official: as the official script, the ids of
+        prompt + response tokenised together, the first len(prompt ids) of them masked.  plain: the same when
+        the prompt's ids are a prefix of the joint ids (the usual case); otherwise the two parts tokenised apart
+        and concatenated, so that evaluation sees exactly the prefix that training saw (counted)."""
         prompt = self.render(query)
         p = self.tok.encode(prompt).ids
         full = self.tok.encode(prompt + self.sep + response).ids
-        if full[:len(p)] != p:
+        if full[:len(p)] != p and not self.official:
             self.boundary_fixes += 1
             return p, self.tok.encode(self.sep + response, add_special_tokens=False).ids
-        return p, full[len(p):]
+        return full[:len(p)], full[len(p):]
 
     def example(self, query, response, max_length):
         """(ids, labels, truncated): labels are -100 on the prompt, so the loss covers the response and the end
@@ -376,57 +661,164 @@ class Formatter:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small helpers.
+# Steps of main().
 
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def prepare_run_dir(args):
+    """The folder this invocation writes into; refuses a model folder, another run (without --overwrite), and
+    never writes into the run an --eval_only evaluates."""
+    if args.eval_only:
+        folder = Path(args.output_dir) if args.output_dir else new_eval_dir(args.load)
+        if folder.resolve() == Path(args.load).resolve():
+            raise UserError(f"--output_dir {folder} is the run being evaluated; its results are never replaced; "
+                            f"leave --output_dir out (results go to {new_eval_dir(args.load)})")
+    else:
+        folder = Path(args.output_dir or f"out/math-{args.method}")
+    if args.resume:
+        if not (folder / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {folder / 'checkpoint.pt'}; drop --resume to start a run")
+        return folder
+    if (folder / "checkpoint.pt").is_file() and not args.overwrite:
+        raise UserError(f"{folder} holds a run with a checkpoint; pass --resume to continue it, --overwrite to "
+                        f"replace it, or another --output_dir")
+    folder = prepare_output_dir(folder, overwrite=args.overwrite)
+    for name in ("checkpoint.pt", "train_log.jsonl", "results.json", "predictions.jsonl", "adapter.pt", "run.json"):
+        (folder / name).unlink(missing_ok=True)  # --overwrite: no file of the old run may mix with the new one
+    return folder
 
 
-def pad_batch(seqs, pad_id, left=False, labels=None):
-    """(ids, attention mask, labels or None) for token lists; labels are padded with -100 (ignored by the loss)."""
-    mask = pad([[1] * len(s) for s in seqs], 0, left)
-    return pad(seqs, pad_id, left), mask, None if labels is None else pad(labels, -100, left)
+def set_up_device(args):
+    """Device, resolved --dtype/--amp, the autocast context and the gradient scaler (fp16 only)."""
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if args.amp == "auto":
+        args.amp = {"float32": "bf16" if device.type == "cuda" else "none", "bfloat16": "bf16",
+                    "float16": "fp16"}[args.dtype]
+    amp = AMP[args.amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, autocast, scaler
 
 
-@torch.no_grad()
-def answer_loglik(model, items, pad_id, batch_size, device, autocast):
-    """Teacher-forced log p(reference solution | prompt), averaged over the solution's tokens for each problem
-    (EOS excluded), then over problems.  It moves smoothly where accuracy of a small model sits near zero."""
-    model.eval()
-    scores = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        seqs = [it["prompt_ids"] + it["answer_ids"] for it in chunk]
-        labels = [[-100] * len(it["prompt_ids"]) + it["answer_ids"] for it in chunk]
-        ids, mask, lab = pad_batch(seqs, pad_id, labels=labels)
-        ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
-        with autocast():
-            logits = model(ids, attention_mask=mask)
-        logits, target = logits[:, :-1].float(), lab[:, 1:]
-        keep = target != -100
-        lp = torch.zeros_like(target, dtype=torch.float)
-        sel = logits[keep]
-        lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
-        scores += (lp.sum(1) / keep.sum(1)).tolist()
-    return float(np.mean(scores))
+def load_model(args, device):
+    try:
+        model_dir = resolve(args.model, token=args.hf_token)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        tok = Tokenizer.from_pretrained(model_dir)
+        model = CausalLM.from_pretrained(model_dir, dtype=PRECISION[args.dtype]).to(device)
+    except (OSError, ValueError) as e:  # not found, gated, offline, unsupported architecture
+        raise UserError(f"--model {args.model}: {e}") from e
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    fmt = Formatter(tok, args.template, model_dir, config, args.system_prompt, args.protocol)
+    print(f"model {args.model} ({sum(x.numel() for x in model.parameters()) / 1e6:.1f}M params) on {device}, "
+          f"weights {args.dtype}, autocast {args.amp}; template {args.template}, protocol {args.protocol}")
+    return tok, model, fmt
+
+
+def load_train_examples(args, fmt):
+    path = fetch(args.train_data, "train", args.data_dir, args.hf_token)
+    args.train_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    records = read_records(path)[:args.max_train_samples]
+    args.prompt_field, args.response_field = pick_fields(records, args.prompt_field, args.response_field, path)
+    train, n_truncated, n_dropped, n_converted = [], 0, 0, 0
+    pairs = get_pairs(records, args.prompt_field, args.response_field)
+    for query, response, where in tqdm(pairs, desc="tokenize", disable=len(pairs) < 5000, dynamic_ncols=True):
+        converted = to_metamath_format(response)
+        n_converted += converted != response
+        ids, labels, truncated = fmt.example(query, converted, args.max_length)
+        n_truncated += truncated
+        n_targets = sum(x != -100 for x in labels[1:])
+        if n_targets == 0:  # the prompt alone filled max_length: nothing to learn from
+            n_dropped += 1
+            continue
+        train.append((ids, labels, n_targets))
+    if not train:
+        raise UserError(f"every example was longer than --max_length {args.max_length} before its answer; "
+                        f"raise --max_length")
+    lengths = [len(x[0]) for x in train]
+    print(f"train: {len(train)} examples from {path} (fields {args.prompt_field}/{args.response_field}); "
+          f"{n_converted} '#### n' answers converted to 'The answer is: n'; {n_truncated} truncated to "
+          f"{args.max_length} tokens, {n_dropped} dropped (no answer left); tokens mean {np.mean(lengths):.0f} "
+          f"max {max(lengths)}" + (f"; {fmt.boundary_fixes} prompt/response boundaries re-tokenised"
+                                   if fmt.boundary_fixes else ""))
+    return train
 
 
 def load_eval_items(args, fmt):
+    """(task, items): task 'math' when the references hold \\boxed{...}, else 'gsm8k'."""
     path = fetch(args.eval_data, "test", args.data_dir, args.hf_token)
-    records = read_records(path)
-    if args.max_eval_samples is not None:
-        records = records[:args.max_eval_samples]  # a fixed subset: always the first N, never sampled
+    records = read_records(path)[:args.max_eval_samples]
     q_field, a_field = pick_fields(records, None, None, path)
+    pairs = get_pairs(records, q_field, a_field)
+    task = "math" if args.eval_data == "math" or "\\boxed" in pairs[0][1] else "gsm8k"
     items = []
-    for question, answer, where in get_pairs(records, q_field, a_field):
-        solution = to_metamath_format(answer)
-        ref, rule = extract_answer(solution)
-        if rule != "answer_is" or ref is None:
-            raise UserError(f"{where}: the reference answer does not end in '#### <number>' or 'The answer is: "
-                            f"<number>', so it cannot be scored")
+    for (question, answer, where), (_, rec) in zip(pairs, records):
+        if task == "gsm8k":
+            reference = gsm8k_reference(answer)
+            if reference is None:
+                raise UserError(f"{where}: the reference does not end in '#### <number>' or 'The answer is: "
+                                f"<number>', so it cannot be scored")
+            solution = to_metamath_format(answer)
+        else:
+            reference = last_boxed(answer)  # None: counted wrong, as the official code does
+            solution = answer if reference is None else f"{answer}\nThe answer is: {reference}"
         prompt_ids, answer_ids = fmt.split(question, solution)
-        items.append(dict(question=question, reference=ref, prompt_ids=prompt_ids, answer_ids=answer_ids))
-    return path, items
+        items.append(dict(question=question, reference=reference, level=rec.get("level"), subject=rec.get("type"),
+                          gen_ids=fmt.eval_prompt_ids(question), prompt_ids=prompt_ids, answer_ids=answer_ids))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = PROTOCOLS[args.protocol]["max_new_tokens"][task]
+    print(f"eval: first {len(items)} problems of {path} ({task}), up to {args.max_new_tokens} new tokens")
+    return task, items
+
+
+def read_checkpoint(path, run_config):
+    """The checkpoint of this run, refused when any setting that shapes training differs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise UserError(f"{path} cannot be read as a checkpoint ({str(e).splitlines()[0][:200]}); start a new "
+                        f"run with --overwrite") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a checkpoint written by train_math.py")
+    changed = []
+    for key, now in run_config.items():
+        was = ckpt["config"].get(key)
+        if was != now:
+            flag = {"train_sha256": "--train_data (the file's contents changed)",
+                    "n_train": "--train_data/--max_train_samples (number of examples)"}.get(key, f"--{key}")
+            changed.append(f"{flag}: {was!r} -> {now!r}")
+    if changed:
+        raise UserError(f"{path} was made with other settings ({'; '.join(changed)}); rerun with the original "
+                        f"flags or start a new --output_dir")
+    return ckpt
+
+
+def build_adapter(args, model):
+    """Uni-LoRA or LoRA on every linear layer but lm_head; for --eval_only, the one saved in --load."""
+    saved = Path(args.load) / "adapter.pt" if args.eval_only else None
+    try:
+        if args.method == "unilora":
+            if saved:
+                return unilora.load_unilora(model, str(saved))
+            return unilora.apply_unilora(model, args.d, r=args.r, seed=args.seed, signs=args.signs,
+                                         dropout=args.dropout)
+        if args.method == "lora":
+            adapter = unilora.apply_lora(model, r=args.r, alpha=args.lora_alpha, dropout=args.dropout)
+            return adapter.load(str(saved)) if saved else adapter
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # d > D; a bad adapter file
+        raise UserError(f"--load {args.load}: {e}" if saved else f"--d {args.d}: {e}") from e
+    return None
 
 
 def lr_lambda_factory(total_steps, warmup_steps):
@@ -439,273 +831,308 @@ def lr_lambda_factory(total_steps, warmup_steps):
     return factor
 
 
+def finite_or_none(x):
+    return x if math.isfinite(x) else None
+
+
+def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler, run_config, before):
+    """AdamW on the adapter with warmup + cosine; atomic checkpoints; exact resume.  Returns the summary.  A
+    non-finite loss raises NonFiniteLoss before anything of that step is saved."""
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "train_log.jsonl"
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0 and args.max_steps is None:
+        raise UserError(f"{len(train)} examples do not fill one batch of {args.batch_size}; lower --batch_size or "
+                        f"use more data")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    steps_per_epoch = max(1, steps_per_epoch)
+    warmup_steps = max(1, math.ceil(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
+    params = list(adapter.parameters())
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": args.weight_decay}], lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total_steps, warmup_steps))
+    pad_id = args.pad_id
+
+    step = 0
+    if ckpt:
+        with torch.no_grad():
+            for prm, saved in zip(params, ckpt["adapter_params"], strict=True):
+                prm.copy_(saved)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        step = ckpt["step"]
+        # steps logged after the checkpoint was written will be trained again: drop them from the log
+        kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
+            if log_path.exists() else []
+        atomic_write(log_path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
+        print(f"resumed {ckpt_path} at step {step}/{total_steps}")
+
+    # Data order: epoch e visits the examples in default_rng([seed, e]).permutation(n).  It depends only on
+    # (seed, epoch), so a resumed run recomputes exactly the batches it had not yet seen from the step.
+    def batch_indices(s):
+        epoch, k = divmod(s, steps_per_epoch)
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
+        return order[k * args.batch_size:(k + 1) * args.batch_size]
+
+    def save_checkpoint(s):
+        adapter.save(str(run_dir / "adapter.pt"), overwrite=True)
+        state = dict(step=s, total_steps=total_steps, config=run_config, before=before,
+                     adapter_params=[x.detach().cpu().clone() for x in params], optimizer=opt.state_dict(),
+                     scheduler=sched.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     data_order=f"numpy default_rng([{args.seed}, epoch]).permutation({len(train)})")
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+
+    end_step = min(total_steps, args.stop_after) if args.stop_after else total_steps
+    print(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch {args.batch_size} "
+          f"(micro {args.micro_batch_size}), lr {args.lr}, warmup {warmup_steps}"
+          + (f"; stopping after step {end_step}" if end_step < total_steps else ""))
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
+               dynamic_ncols=True)
+    with open(log_path, "a") as log:
+        for s in bar:
+            idx = batch_indices(s)
+            n_targets = sum(train[i][2] for i in idx)  # normalise by the whole batch's answer tokens
+            loss = 0.0
+            for j in range(0, len(idx), args.micro_batch_size):
+                micro = [train[i] for i in idx[j:j + args.micro_batch_size]]
+                ids, mask = pad([m[0] for m in micro], pad_id), pad([[1] * len(m[0]) for m in micro], 0)
+                lab = pad([m[1] for m in micro], -100)
+                with autocast():
+                    logits = model(ids.to(device), attention_mask=mask.to(device))
+                target = lab[:, 1:].to(device)
+                keep = target != -100  # only response positions: fp32 logits of a 256k vocabulary are large
+                part = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum") / n_targets
+                scaler.scale(part).backward()
+                loss += part.item()
+            check_finite(loss, s + 1, hint=f"lower --lr, now {args.lr}")
+            scaler.unscale_(opt)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0
+                         else torch.linalg.vector_norm(torch.cat([x.grad.flatten() for x in params])))
+            lr_now, scale = opt.param_groups[0]["lr"], scaler.get_scale()
+            scaler.step(opt)  # fp16: skipped when a gradient overflowed, and the scale shrinks
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+            if not all(bool(torch.isfinite(x).all()) for x in params):
+                raise NonFiniteLoss(f"the adapter became non-finite at step {s + 1}: training diverged and was "
+                                    f"stopped; nothing of this step was saved. Lower --lr (now {args.lr}).")
+            if not skipped:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
+            log.write(json.dumps(dict(step=s + 1, loss=loss, lr=lr_now, grad_norm=finite_or_none(float(grad_norm)),
+                                      skipped=skipped, seconds=round(time.time() - t0, 1))) + "\n")
+            log.flush()
+            if (s + 1) % args.save_every == 0 or s + 1 == end_step:
+                save_checkpoint(s + 1)
+    bar.close()
+    if end_step == step:
+        print(f"checkpoint already at step {step}; nothing left to train")
+    logged = [json.loads(x) for x in log_path.read_text().splitlines()]
+    return dict(data=str(args.train_data), examples=len(train), steps=total_steps, steps_done=end_step,
+                batch_size=args.batch_size, lr=args.lr, first_loss=logged[0]["loss"], last_loss=logged[-1]["loss"],
+                skipped_steps=sum(x.get("skipped", False) for x in logged), seconds=round(time.time() - t0, 1))
+
+
+@torch.no_grad()
+def answer_loglik(model, items, pad_id, batch_size, device, autocast):
+    """Teacher-forced log p(reference solution | training prompt), averaged over the solution's tokens for each
+    problem (EOS excluded), then over problems.  It moves smoothly where a small model's accuracy sits near 0."""
+    model.eval()
+    scores = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        seqs = [it["prompt_ids"] + it["answer_ids"] for it in chunk]
+        ids, mask = pad(seqs, pad_id).to(device), pad([[1] * len(s) for s in seqs], 0).to(device)
+        lab = pad([[-100] * len(it["prompt_ids"]) + it["answer_ids"] for it in chunk], -100).to(device)
+        with autocast():
+            logits = model(ids, attention_mask=mask)
+        target = lab[:, 1:]
+        keep = target != -100
+        sel = logits[:, :-1][keep].float()  # the answer positions only, then fp32
+        lp = torch.zeros(target.shape, device=device)
+        lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
+        scores += (lp.sum(1) / keep.sum(1)).tolist()
+    return float(np.mean(scores))
+
+
+def cut_at_stop(text, stop):
+    """The text before the earliest stop string (what vLLM returns when a stop string ends generation)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(model, prompts, pad_id, end_id, max_new_tokens, stop, decode, device, autocast):
+    """Greedy decoding of a left-padded batch with the KV cache.  A row ends at the end token or as soon as its
+    recent text holds a stop string; returns (new token ids, why it ended) per row."""
+    ids, mask = pad(prompts, pad_id, left=True).to(device), pad([[1] * len(p) for p in prompts], 0, left=True)
+    mask, cache = mask.to(device), KVCache()
+    rows, why = [[] for _ in prompts], [None] * len(prompts)
+    window = 4 * max(map(len, stop), default=0) + 4 * 8  # the last 8 tokens and a stop string, in bytes
+    with autocast():
+        logits = model(ids, mask, cache, last_only=True)[:, -1]
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1)
+        for i, t in enumerate(tokens.tolist()):
+            if not why[i] and t == end_id:
+                why[i] = "eos"
+            elif not why[i]:
+                rows[i].append(t)
+        if stop and step % 8 == 7:  # looking every 8th token costs 8x less decoding and ends at most 7 tokens late
+            for i, row in enumerate(rows):
+                if not why[i] and any(s in decode(row[-window:]) for s in stop):
+                    why[i] = "stop"
+        if all(why) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        with autocast():
+            logits = model(tokens[:, None], mask, cache, last_only=True)[:, -1]
+    return rows, [w or "length" for w in why]
+
+
+def merge_for_eval(model, adapter, probe, autocast):
+    """Fold dW = B A into W, in fp32 and outside autocast (autocast would round B A to 16 bits); returns the plain
+    model and the largest logit change merging caused on one probe sequence."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        before = model(probe).float()
+    with torch.autocast(probe.device.type, enabled=False):
+        model = adapter.merge()
+    with torch.no_grad(), autocast():
+        gap = (model(probe).float() - before).abs().max().item()
+    return model, gap
+
+
+def score(task, completion, item):
+    """(official prediction, correct, lenient prediction, correct) for one completion."""
+    if task == "gsm8k":
+        pred = official_gsm8k_answer(completion)
+        lenient, _ = extract_answer(completion)
+        ok = pred is not None and float(pred) == item["reference"]
+        return pred, ok, lenient, same_number(lenient, item["reference"])
+    pred, lenient = official_math_answer(completion), lenient_math_answer(completion)
+    return pred, math_equal(pred, item["reference"]), lenient, lenient_math_equal(lenient, item["reference"])
+
+
+def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autocast):
+    """Merge the adapter, generate for every problem, score both readings, write predictions.jsonl; returns the
+    numbers."""
+    out = {}
+    if adapter is not None:
+        probe = torch.tensor([items[0]["prompt_ids"] + items[0]["answer_ids"]], device=device)
+        model, out["merge_max_logit_change"] = merge_for_eval(model, adapter, probe, autocast)
+        print(f"merged the adapter (max |logit change| from merging {out['merge_max_logit_change']:.2e})")
+    # in training-sized batches: logits over the whole vocabulary for every position are what fills memory here
+    out["loglik"] = answer_loglik(model, items, args.pad_id, args.micro_batch_size, device, autocast)
+    t0 = time.time()
+    stop = PROTOCOLS[args.protocol]["stop"]
+    # Longest prompts first: batches hold similar lengths, so little padding, and an out-of-memory error shows
+    # up in the first batch, not the last.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["gen_ids"]))
+    outputs = [None] * len(items)
+    for i in tqdm(range(0, len(order), args.eval_batch_size), desc="generate", dynamic_ncols=True):
+        chunk = order[i:i + args.eval_batch_size]
+        rows, why = generate(model, [items[j]["gen_ids"] for j in chunk], args.pad_id, fmt.end_id,
+                             args.max_new_tokens, stop, tok.decode, device, autocast)
+        for j, row, w in zip(chunk, rows, why):
+            outputs[j] = (row, w)
+    seconds = time.time() - t0
+    rows, counts = [], defaultdict(lambda: [0, 0])
+    for item, (new_ids, why) in zip(items, outputs):
+        completion = cut_at_stop(tok.decode(new_ids), stop)
+        pred, ok, lenient, ok_lenient = score(task, completion, item)
+        for group in ("all", f"level:{item['level']}", f"subject:{item['subject']}"):
+            counts[group][0] += ok
+            counts[group][1] += 1
+        counts["lenient"][0] += ok_lenient
+        counts["no_answer_mark"][0] += ANSWER_MARK not in completion
+        rows.append(json.dumps(dict(question=item["question"], reference=item["reference"], prediction=pred,
+                                    correct=ok, prediction_lenient=lenient, correct_lenient=ok_lenient,
+                                    level=item["level"], subject=item["subject"], completion=completion,
+                                    new_tokens=len(new_ids), ended_by=why)))
+    atomic_write(run_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
+    n, correct = counts["all"][1], counts["all"][0]
+    out.update(task=task, accuracy=correct / n, correct=correct, n=n,
+               accuracy_lenient=counts["lenient"][0] / n, correct_lenient=counts["lenient"][0],
+               no_answer_mark=counts["no_answer_mark"][0], max_new_tokens=args.max_new_tokens,
+               generate_seconds=round(seconds, 1))
+    for kind in ("level", "subject"):
+        groups = {k.split(":", 1)[1]: dict(accuracy=c / m, correct=c, n=m) for k, (c, m) in sorted(counts.items())
+                  if k.startswith(kind + ":") and k != f"{kind}:None"}
+        if groups:
+            out[f"by_{kind}"] = groups
+    return out
+
+
+def protocol_record(args):
+    p = PROTOCOLS[args.protocol]
+    return dict(name=args.protocol, train_text=f"prompt + {p['separator']!r} + response + eos",
+                eval_prompt_suffix=p["eval_suffix"], stop=list(p["stop"]), max_new_tokens=args.max_new_tokens,
+                scoring="official: after the last 'The answer is: ' (GSM8K round(float) == ref; MATH is_equiv); "
+                        "lenient: accuracy_lenient")
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, adapter_path = out_dir / "checkpoint.pt", out_dir / "adapter.pt"
-    if ckpt_path.exists() and not args.resume and not args.eval_only:
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out_dir")
-    if args.resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+    device, autocast, scaler = set_up_device(args)
+    run_dir = prepare_run_dir(args)
+    tok, model, fmt = load_model(args, device)
+    args.pad_id = tok.pad_id if tok.pad_id is not None else fmt.end_id
+    train = load_train_examples(args, fmt) if args.train else None
+    run_config = {k: getattr(args, k) for k in RESUME_KEYS[:-1]} | {"n_train": len(train)} if args.train else None
+    ckpt = read_checkpoint(run_dir / "checkpoint.pt", run_config) if args.resume else None
+    task, eval_items = load_eval_items(args, fmt) if not args.no_eval else (None, [])
+    results = dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
+                   template=args.template, protocol=protocol_record(args),
+                   precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load,
+                   args={k: v for k, v in vars(args).items() if k not in ("hf_token", "pad_id")})
+    if args.train and not args.resume:
+        write_json(run_dir / "run.json", results["args"])
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    # bf16 autocast on CUDA as in the paper; on CPU bf16 matmuls are slow on most machines, so fp32 there.
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else contextlib.nullcontext)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    # ---- model and tokenizer
-    try:
-        model_dir = resolve(args.model, token=args.hf_token)
-    except OSError as e:  # not found, gated, offline: pretrained.py's message already says what to do
-        raise UserError(str(e)) from e
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    tok = Tokenizer.from_pretrained(model_dir)
-    model = CausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    fmt = Formatter(tok, args.template, model_dir, config, args.system_prompt)
-    pad_id = tok.pad_id if tok.pad_id is not None else fmt.end_id
-    print(f"model {args.model} ({sum(x.numel() for x in model.parameters()) / 1e6:.1f}M params) on {device}, "
-          f"{dtype}; template {args.template}; end token {fmt.end_id}")
-
-    # ---- training data
-    train = []
-    if not args.eval_only:
-        path = fetch(args.train_data, "train", args.data_dir, args.hf_token)
-        records = read_records(path)[:args.max_train_samples]
-        q_field, a_field = pick_fields(records, args.prompt_field, args.response_field, path)
-        args.prompt_field, args.response_field = q_field, a_field
-        n_truncated = n_dropped = n_converted = 0
-        pairs = get_pairs(records, q_field, a_field)
-        for query, response, where in tqdm(pairs, desc="tokenize", disable=len(pairs) < 5000, dynamic_ncols=True):
-            converted = to_metamath_format(response)
-            n_converted += converted != response
-            ids, labels, truncated = fmt.example(query, converted, args.max_length)
-            n_truncated += truncated
-            n_targets = sum(x != -100 for x in labels[1:])
-            if n_targets == 0:  # the prompt alone filled max_length: nothing to learn from
-                n_dropped += 1
-                continue
-            train.append((ids, labels, n_targets))
-        if not train:
-            raise UserError(f"every example was longer than --max_length {args.max_length} before its answer; "
-                            f"raise --max_length")
-        lengths = [len(x[0]) for x in train]
-        print(f"train: {len(train)} examples from {path} (fields {q_field}/{a_field}); "
-              f"{n_converted} '#### n' answers converted to 'The answer is: n'; {n_truncated} truncated to "
-              f"{args.max_length} tokens, {n_dropped} dropped (no answer left); tokens mean {np.mean(lengths):.0f}"
-              f" max {max(lengths)}" + (f"; {fmt.boundary_fixes} prompt/response boundaries re-tokenised"
-                                        if fmt.boundary_fixes else ""))
-
-    # ---- resume: the checkpoint must come from the same run settings (checked before anything slow happens)
-    ckpt = run_config = None
-    if not args.eval_only:
-        run_config = {k: getattr(args, k) for k in RESUME_KEYS} | {"n_train": len(train)}
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        changed = [f"{k}: {ckpt['config'].get(k)!r} -> {v!r}" for k, v in run_config.items()
-                   if ckpt["config"].get(k) != v]
-        if changed:
-            raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(changed)}); rerun with the "
-                            f"original flags or start a new --out_dir")
-
-    eval_items = []
-    if not args.no_eval:
-        eval_path, eval_items = load_eval_items(args, fmt)
-        print(f"eval: first {len(eval_items)} problems of {eval_path}")
-
-    results = dict(method=args.method, model=args.model, recipe=args.recipe, template=args.template,
-                   args={k: v for k, v in vars(args).items() if k != "hf_token"})
-
-    # ---- "before": the untouched base model (a resumed run kept the number in its checkpoint)
+    # "before": the untouched base model (a resumed run kept the number in its checkpoint)
     before = ckpt.get("before") if ckpt else None
-    if eval_items and not args.eval_only and before is None:
-        t0 = time.time()
-        before = {"loglik": answer_loglik(model, eval_items, pad_id, args.eval_batch_size, device, autocast)}
-        print(f"before training: mean answer log-likelihood {before['loglik']:.4f} ({time.time() - t0:.0f}s)")
-
-    # ---- adapter (none for --method none, and for --eval_only without --adapter: that evaluates the base)
-    adapter = None
-    try:
-        if args.method == "unilora" and args.adapter:
-            adapter = unilora.load_unilora(model, args.adapter)
-        elif args.method == "unilora" and not args.eval_only:
-            adapter = unilora.apply_unilora(model, args.d, r=args.r, seed=args.seed, signs=args.signs == "on",
-                                            dropout=args.dropout)
-        elif args.method == "lora" and (args.adapter or not args.eval_only):
-            adapter = unilora.apply_lora(model, r=args.r, alpha=args.lora_alpha, dropout=args.dropout)
-            if args.adapter:
-                adapter.load(args.adapter)
-    except (ValueError, FileNotFoundError) as e:  # d > D, a missing or mismatched adapter file
-        raise UserError(str(e)) from e
+    if eval_items and args.train and before is None:
+        before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.micro_batch_size, device, autocast)}
+        print(f"before training: mean answer log-likelihood {before['loglik']:.4f}")
+    adapter = build_adapter(args, model)
     if adapter is not None:
         results["params"] = adapter.counts()
         print(f"{args.method}: {results['params']}")
 
-    # ---- optimizer, schedule, resume
-    if not args.eval_only:
-        steps_per_epoch = len(train) // args.batch_size
-        if steps_per_epoch == 0 and args.max_steps is None:
-            raise UserError(f"{len(train)} examples do not fill one batch of {args.batch_size}; lower "
-                            f"--batch_size or use more data")
-        total_steps = args.max_steps or args.epochs * steps_per_epoch
-        steps_per_epoch = max(1, steps_per_epoch)
-        warmup_steps = max(1, math.ceil(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
-        params = list(adapter.parameters())
-        opt = torch.optim.AdamW([{"params": params, "weight_decay": args.weight_decay}], lr=args.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total_steps, warmup_steps))
-
-        step = 0
-        if ckpt:
-            with torch.no_grad():
-                for prm, saved in zip(params, ckpt["adapter_params"], strict=True):
-                    prm.copy_(saved)
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-            step = ckpt["step"]
-            # steps logged after the checkpoint was written will be trained again: drop them from the log
-            log_path = out_dir / "train_log.jsonl"
-            kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
-                if log_path.exists() else []
-            atomic_write(log_path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
-            print(f"resumed {ckpt_path} at step {step}/{total_steps}")
-
-        # Data order: epoch e visits the examples in default_rng([seed, e]).permutation(n).  It depends only on
-        # (seed, epoch), so a resumed run recomputes exactly the batches it had not yet seen from the step.
-        def batch_indices(s):
-            epoch, k = divmod(s, steps_per_epoch)
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
-            return order[k * args.batch_size:(k + 1) * args.batch_size]
-
-        def save_checkpoint(s):
-            adapter.save(adapter_path, overwrite=True)
-            state = dict(step=s, total_steps=total_steps, config=run_config, before=before,
-                         adapter_params=[x.detach().cpu().clone() for x in params],
-                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                         data_order=f"numpy default_rng([{args.seed}, epoch]).permutation({len(train)})")
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
-
-        end_step = min(total_steps, args.stop_after) if args.stop_after else total_steps
-        print(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch "
-              f"{args.batch_size} (micro {args.micro_batch_size}), lr {args.lr}, warmup {warmup_steps}"
-              + (f"; stopping after step {end_step}" if end_step < total_steps else ""))
-        model.train()
-        t0 = time.time()
-        bar = tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
-                   dynamic_ncols=True)
-        with open(out_dir / "train_log.jsonl", "a") as log:
-            for s in bar:
-                idx = batch_indices(s)
-                n_targets = sum(train[i][2] for i in idx)  # normalise by the whole batch's answer tokens
-                loss = 0.0
-                for j in range(0, len(idx), args.micro_batch_size):
-                    micro = [train[i] for i in idx[j:j + args.micro_batch_size]]
-                    ids, mask, lab = pad_batch([m[0] for m in micro], pad_id, labels=[m[1] for m in micro])
-                    ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
-                    with autocast():
-                        logits = model(ids, attention_mask=mask)
-                    part = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(),
-                                           ignore_index=-100, reduction="sum") / n_targets
-                    part.backward()
-                    loss += part.item()
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"loss is {loss} at step {s + 1}; lower --lr (now {args.lr})")
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0
-                             else torch.linalg.vector_norm(torch.cat([x.grad.flatten() for x in params])))
-                lr_now = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
-                log.write(json.dumps(dict(step=s + 1, loss=loss, lr=lr_now, grad_norm=float(grad_norm),
-                                          seconds=round(time.time() - t0, 1))) + "\n")
-                log.flush()
-                if (s + 1) % args.save_every == 0 or s + 1 == end_step:
-                    save_checkpoint(s + 1)
-        bar.close()
-        if end_step == step:
-            print(f"checkpoint already at step {step}; nothing left to train")
-        logged = [json.loads(x) for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
-        results["train"] = dict(data=str(args.train_data), examples=len(train), steps=total_steps,
-                                batch_size=args.batch_size, lr=args.lr, first_loss=logged[0]["loss"],
-                                last_loss=logged[-1]["loss"], seconds=round(time.time() - t0, 1))
-        if end_step < total_steps:
-            print(f"stopped after step {end_step} of {total_steps} as asked; continue with --resume")
+    if args.train:
+        try:
+            results["train"] = train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler,
+                                             run_config, before)
+        except NonFiniteLoss as e:
+            write_json(run_dir / "results.json", results | dict(status="diverged", error=str(e)))
+            raise
+        stopped = results["train"]["steps_done"] < results["train"]["steps"]
+        if stopped or args.no_eval:
+            results["status"] = "stopped" if stopped else "trained"
+            write_json(run_dir / "results.json", results)
+            print("stopped as asked; continue with --resume" if stopped else "trained; --no_eval: no evaluation")
             return results
 
-    if args.no_eval:
-        write_json(out_dir / "results.json", results)
-        return results
-
-    # ---- evaluation: merge, then greedy decoding with the KV cache
-    if before is not None:
-        results["before"] = before
-    if adapter is not None:
-        probe = eval_items[0]["prompt_ids"] + eval_items[0]["answer_ids"]
-        probe = torch.tensor([probe], device=device)
-        model.eval()
-        with torch.no_grad(), autocast():
-            ref_logits = model(probe).float()
-            model = adapter.merge()  # dW folded into W: inference costs exactly what the base model costs
-            gap = (model(probe).float() - ref_logits).abs().max().item()
-        print(f"merged the adapter (max |logit change| from merging {gap:.2e})")
-        results["merge_max_logit_change"] = gap
-    model.eval()
-    t0 = time.time()
-    after = {"loglik": answer_loglik(model, eval_items, pad_id, args.eval_batch_size, device, autocast)}
-    print(f"{'after training' if not args.eval_only else 'model'}: mean answer log-likelihood "
-          f"{after['loglik']:.4f} ({time.time() - t0:.0f}s)")
-
-    # Longest prompts first: batches hold similar lengths, so little left padding, and an out-of-memory error
-    # shows up in the first batch, not the last.
-    order = sorted(range(len(eval_items)), key=lambda i: -len(eval_items[i]["prompt_ids"]))
-    outputs = [None] * len(eval_items)
-    t0 = time.time()
-    for i in tqdm(range(0, len(order), args.eval_batch_size), desc="generate", dynamic_ncols=True):
-        chunk = order[i:i + args.eval_batch_size]
-        ids, mask, _ = pad_batch([eval_items[j]["prompt_ids"] for j in chunk], pad_id, left=True)
-        with torch.no_grad(), autocast():
-            new = model.generate(ids.to(device), mask.to(device), args.max_new_tokens, eos_token_id=fmt.end_id)
-        for j, row in zip(chunk, new.tolist()):
-            outputs[j] = row[:row.index(fmt.end_id)] if fmt.end_id in row else row
-    gen_seconds = time.time() - t0
-
-    correct, rules = 0, {}
-    rows = []
-    for item, out in zip(eval_items, outputs):
-        text = tok.decode(out)
-        pred, rule = extract_answer(text)
-        ok = same_number(pred, item["reference"])
-        correct += ok
-        rules[rule] = rules.get(rule, 0) + 1
-        rows.append(json.dumps(dict(question=item["question"], reference=item["reference"], prediction=pred,
-                                    rule=rule, correct=ok, completion=text, new_tokens=len(out))))
-    atomic_write(out_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
-    after.update(accuracy=correct / len(eval_items), correct=correct, n=len(eval_items), extracted_by=rules,
-                 generate_seconds=round(gen_seconds, 1), max_new_tokens=args.max_new_tokens)
-    results["after"] = after
-    results["eval_data"] = str(args.eval_data)
-    write_json(out_dir / "results.json", results)
-    print(f"GSM8K accuracy {correct}/{len(eval_items)} = {100 * correct / len(eval_items):.2f}% "
-          f"(answers read by {rules}; {gen_seconds:.0f}s); wrote {out_dir / 'results.json'}")
+    results["before"] = before
+    results["after"] = evaluate(args, model, adapter, tok, fmt, eval_items, task, run_dir, device, autocast)
+    results.update(status="finished", eval_data=str(args.eval_data))
+    write_json(run_dir / "results.json", results)
+    after = results["after"]
+    print(f"{task.upper()} accuracy (official) {after['correct']}/{after['n']} = {100 * after['accuracy']:.2f}%; "
+          f"lenient reading {100 * after['accuracy_lenient']:.2f}%; {after['no_answer_mark']} without "
+          f"'{ANSWER_MARK.strip()}'; wrote {run_dir / 'results.json'}")
     return results
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, NonFiniteLoss) as e:
         sys.exit(f"error: {e}")
