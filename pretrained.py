@@ -1532,6 +1532,9 @@ class CausalLM(nn.Module):
         allowed = (k_idx <= q_idx) & keep[:, None, :]  # causal and not padding: (B, T, past + T)
         if self.window:
             allowed &= q_idx - k_idx < self.window
+        # A left-padding position would see no key at all; under fp16 autocast its finfo.min scores become -inf,
+        # the softmax NaN, and 0 * NaN reaches the real rows. Letting it see itself keeps every row finite.
+        allowed |= k_idx == q_idx
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask[:, None], cache, i)

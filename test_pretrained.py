@@ -492,6 +492,21 @@ def test_left_padded_batch_generation_equals_per_row(decoders):
         assert row == greedy_reference(sd, c, p, 6)  # and greedy by full float64 recomputation
 
 
+def test_no_attention_row_is_fully_masked_with_left_padding(decoders):
+    """A fully masked row is -inf everywhere once fp16 autocast rounds finfo(fp32).min, so its softmax is NaN and
+    0 * NaN reaches the real rows (on CUDA): every query, padding included, must see at least one key."""
+    model, _, _ = decoders["llama-gqa-untied"]
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[3]))
+    ids, mask = torch.tensor([[0, 0, 0, 5, 9], [4, 5, 6, 7, 8]]), torch.tensor([[0, 0, 0, 1, 1], [1] * 5])
+    model(ids, mask)
+    hook.remove()
+    allowed = seen[0] == 0
+    assert allowed.any(-1).all()
+    # and the real rows still see exactly the causal, non-padding keys
+    assert allowed[0, 0, 3:, :3].sum() == 0 and allowed[0, 0, 4].tolist() == [False, False, False, True, True]
+
+
 def test_generation_stops_at_eos_per_row(decoders):
     model, sd, c = decoders["qwen2-bias-tied"]
     prompts = [[5, 9, 13, 7, 22], [11, 3, 8]]
