@@ -9,10 +9,10 @@ from 127.0.0.1, so the file needs no network and takes well under a minute.
 import io
 import json
 import math
-import os
 import random
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -433,7 +433,7 @@ def test_downloads_take_exactly_glues_files(tmp_path, monkeypatch, server, asset
 
     files.clear()  # cached: no second download
     result, _ = run(assets, tmp_path, "--max_steps", "2", "--cache_dir", str(cache), task="cola", data_dir=[])
-    assert result["data"]["dev_examples"] == {"dev.tsv": 10} and result["data"]["glue_dev"] is True
+    assert result["data"]["dev_examples"] == {"dev.tsv": 10} and result["data"]["glue_dev_counts"] is True
     assert result["config"]["data_dir"] is None
 
 
@@ -536,7 +536,6 @@ def test_presets_come_from_config_json_not_from_the_name(assets, tmp_path):
     argv = ["--task", "rte", "--model", str(models["named-large"]), "--data_dir", str(data["rte"]),
             "--max_steps", "1", "--d", "64", "--threads", "1"]
     named = tg.main(argv + ["--output_dir", str(tmp_path / "a")])["config"]
-    head_lr, theta_lr, epochs = tg.RECIPES["base"]["rte"]
     assert (named["preset"], named["head_lr"], named["lr"], named["epochs"]) == ("base", 5e-4, 5e-3, 160)
     assert named["max_length"] == 128  # base's 512, cut to what this tiny RoBERTa's positions allow (130 - 2)
     large = tg.main(argv + ["--output_dir", str(tmp_path / "b"), "--preset", "large", "--epochs", "3"])
@@ -701,7 +700,7 @@ def test_table_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         "| model | method | d | projection | signs | params | SST-2 | CoLA | MNLI |",
         "|---|---|---|---|---|---|---|---|---|",
-        "| FacebookAI/roberta-base | Uni-LoRA | 23040 | - | True | 0.023M | 94.0 ± 1.0 (3) | 62.0 ± 2.8 (2) | 87.0 (1) / 88.0 (1) |",
+        "| FacebookAI/roberta-base | Uni-LoRA | 23040 | - | True | 0.023M | 94.0 ± 1.0 (3) | 62.0 ± 2.8 (2) | 87.0 / 88.0 (1) |",
         "| FacebookAI/roberta-base | Uni-LoRA | 23040 | fastfood | True | 0.023M | 90.0 (1) | - | - |",
         "| FacebookAI/roberta-base | LoRA | - | - | - | 0.295M | 95.0 (1) | - | - |",
         "| FacebookAI/roberta-base | Uni-LoRA (paper, no signs) | - | - | - | 0.023M | 94.5 | 64.6 | - |",
@@ -758,9 +757,13 @@ def test_user_errors_are_short_name_the_flag_and_leave_nothing(assets, tmp_path,
     _, saved = run(assets, tmp_path, "--max_steps", "1", name="saved")
     empty = tmp_path / "empty"
     empty.mkdir()
+    headless = write_task(tmp_path / "headless", "sst2")
+    (headless / "dev.tsv").write_text("good movie\t1\n")
     base = ["--model", str(models["bert"]), "--data_dir", str(data["sst2"]), "--output_dir", str(tmp_path / "out")]
     cases = [
         (["--task", "sst2", *base[:2], "--data_dir", str(empty), *base[4:]], "train.tsv not found. --data_dir must"),
+        (["--task", "sst2", *base[:2], "--data_dir", str(headless), *base[4:]],
+         f"{headless / 'dev.tsv'}:1: expected sst2's header line"),
         (["--task", "sst2", *base, "--method", "lora", "--d", "64"], "--d does not apply to --method lora"),
         (["--task", "sst2", *base, "--method", "head", "--lr", "1e-3"], "--lr does not apply to --method head"),
         (["--task", "sst2", *base, "--targets", "nomatch"], "--d / --r / --targets: target 'nomatch'"),
@@ -795,6 +798,24 @@ def test_the_command_line_prints_errors_without_traceback(assets, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'train.tsv'} not found. --data_dir must be "
                                                 f"the SST-2 folder of the GLUE data, holding train.tsv and dev.tsv"]
+    assert tree(tmp_path) == []
+
+
+def test_a_killed_run_leaves_nothing_behind(assets, tmp_path):
+    models, data = assets
+    out = tmp_path / "runs" / "killed"
+    cmd = [sys.executable, str(REPO / "train_glue.py"), "--task", "sst2", "--model", str(models["bert"]),
+           "--data_dir", str(data["sst2"]), "--output_dir", str(out), "--epochs", "1000", "--batch_size", "8",
+           "--max_length", "32", "--d", "64", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    partial = out.with_name("killed.partial")
+    for _ in range(600):  # until it writes its first epoch's best/
+        if (partial / "best" / "run.json").exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.terminate()  # SIGTERM, as a job scheduler sends at its time limit
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err and "terminated" in err
     assert tree(tmp_path) == []
 
 

@@ -52,6 +52,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -169,8 +170,8 @@ def remove_if_empty(folders):
             folder.rmdir()
 
 
-def check_run_set(folder, overwrite):
-    """prepare_output_dir for a --seeds folder, which holds summary.json and seed-N runs instead of a run."""
+def check_output_dir(folder, overwrite):
+    """prepare_output_dir, which also knows a --seeds folder (summary.json and seed-N/ instead of one run)."""
     folder = Path(folder)
     if (folder / "summary.json").is_file():
         if not overwrite:
@@ -181,11 +182,11 @@ def check_run_set(folder, overwrite):
 
 
 @contextmanager
-def staged(folder, overwrite, check=prepare_output_dir):
+def staged(folder, overwrite):
     """Yield folder.partial to write into; it replaces `folder` when the block succeeds, and vanishes if not."""
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     created = missing_dirs(folder)
-    check(folder, overwrite=overwrite)
+    check_output_dir(folder, overwrite)
     stage = folder.with_name(folder.name + ".partial")
     if stage.exists() and not (stage / ".unilora-partial").exists():
         raise SystemExit(f"{stage} exists and is not ours; move it away or pick another --output_dir.")
@@ -353,16 +354,16 @@ def load_data(cfg, train=True):
             raise DataError(f"{folder / name} not found. --data_dir must be the {spec['folder']} folder of the "
                             f"GLUE data, holding train.tsv and {', '.join(spec['dev'])}")
     dev = {name: read_tsv(task, folder / name) for name in spec["dev"]}
-    glue_dev = all(len(dev[n][0]) == want for n, want in zip(spec["dev"], DEV_ROWS[task]))
+    glue_dev_counts = all(len(dev[n][0]) == want for n, want in zip(spec["dev"], DEV_ROWS[task]))
     if not cfg["data_dir"]:
         check_dev_rows(task, folder, {n: t for n, (t, _) in dev.items()},
                        f"the cached copy is not GLUE's; delete {folder} to download it again, or pass --data_dir")
-    elif not glue_dev:
+    elif not glue_dev_counts:
         print(f"note: {folder} is not GLUE's dev set ({', '.join(str(len(t)) for t, _ in dev.values())} examples, "
               f"GLUE: {', '.join(map(str, DEV_ROWS[task]))}); results are not comparable to the paper's")
     n = cfg["max_eval_samples"]
     dev = {name: (t[:n], y[:n]) for name, (t, y) in dev.items()}
-    out = {"folder": str(folder), "dev": dev, "glue_dev": glue_dev}
+    out = {"folder": str(folder), "dev": dev, "glue_dev_counts": glue_dev_counts}
     if train:
         texts, labels = read_tsv(task, folder / "train.tsv")
         n = cfg["max_train_samples"]
@@ -810,7 +811,8 @@ def train_run(cfg, from_recipe, data, model_dir, folder):
 
     save_model(folder, cfg, model, adapter)
     results = {"config": cfg, "from_recipe": from_recipe, "trainable": counts,
-               "data": {"folder": data["folder"], "glue_dev": data["glue_dev"], "train_examples": len(train_set[0]),
+               "data": {"folder": data["folder"], "glue_dev_counts": data["glue_dev_counts"],
+                        "train_examples": len(train_set[0]),
                         "dev_examples": {name: len(e) for name, (e, _) in dev_sets.items()}},
                "epochs": history, "best": best, "last": history[-1], "steps": len(step_times),
                "seconds_per_step": statistics.median(step_times), "wall_time_s": round(time.time() - t0, 2),
@@ -865,9 +867,13 @@ def collect_runs(paths):
     return runs
 
 
-def cell(values):
-    s = stats([100 * v for v in values])
-    return f"{s['mean']:.1f} ± {s['std']:.1f} ({len(values)})" if len(values) > 1 else f"{s['mean']:.1f} (1)"
+def cell(runs, task):
+    """'mean ± std (n)' in percent over the runs' best epochs; MNLI: matched / mismatched."""
+    parts = []
+    for key in reported(task):
+        s = stats([100 * r["best"]["dev"][key] for r in runs])
+        parts.append(f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if len(runs) > 1 else ""))
+    return " / ".join(parts) + f" ({len(runs)})"
 
 
 def make_table(paths):
@@ -891,8 +897,7 @@ def make_table(paths):
     for i, settings in enumerate(order):
         by_task, s = rows[settings], {k: json.loads(v) for k, v in settings}
         any_run = next(iter(by_task.values()))[0]
-        cells = [" / ".join(cell([r["best"]["dev"][k] for r in by_task[t]]) for k in reported(t)) if t in by_task
-                 else "-" for t in tasks]
+        cells = [cell(by_task[t], t) if t in by_task else "-" for t in tasks]
         means = [statistics.mean(100 * r["best"]["dev"][reported(t)[0]] for r in by_task[t])
                  for t in PAPER_TASKS if t in by_task]
         avg = [f"{statistics.mean(means):.1f}" if len(means) == len(PAPER_TASKS) else "-"] * with_avg
@@ -1012,8 +1017,8 @@ def evaluate_saved(args):
         dev = evaluate_all(model, dev_sets, cfg, pad_id)
         counts = {name: len(e) for name, (e, _) in dev_sets.items()}
         write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
-                                            "data": {"folder": data["folder"], "glue_dev": data["glue_dev"],
-                                                     "dev_examples": counts}})
+                                            "data": {"folder": data["folder"], "dev_examples": counts,
+                                                     "glue_dev_counts": data["glue_dev_counts"]}})
     print(f"{cfg['task']} {load}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()) + " on "
           + ", ".join(f"{n} {name}" for name, n in counts.items()) + f" examples; saved to {dest}")
     return dev
@@ -1024,7 +1029,7 @@ def train(args):
     out = Path(args.output_dir or f"runs/glue-{args.task}-{args.method or DEFAULTS['method']}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    with staged(out, args.overwrite, check_run_set if args.seeds else prepare_output_dir) as stage:
+    with staged(out, args.overwrite) as stage:
         model_dir, model_config = fetch_model(args.model or DEFAULTS["model"])
         cfg, from_recipe = resolve_config(args, model_config)
         print_config(cfg, from_recipe, model_config)
@@ -1057,7 +1062,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # A job scheduler's time limit sends SIGTERM: leave through the same clean-up as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated; the output folder was left as it was before"))
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted; the run folder was left as it was before")
+        sys.exit("interrupted; the output folder was left as it was before")
