@@ -693,6 +693,7 @@ def test_table_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
     write_results(tmp_path / "base" / "mnli", fake_run("mnli", 1, 0.87, mismatched=0.88))
     write_results(tmp_path / "base" / "sst2" / "seed-1" / "eval-1", {"kind": "eval", "dev": {"accuracy": 0.1}})
     write_results(tmp_path / "base" / "cola.partial", fake_run("cola", 3, 0.0))  # unfinished: not a result
+    write_results(tmp_path / "base" / "math", {"config": {"model": "x"}, "best": {}, "epochs": []})  # not GLUE
     write_results(tmp_path / "lora", fake_run("sst2", 1, 0.95, method="lora"))
     write_results(tmp_path / "proj", fake_run("sst2", 1, 0.90, projection="fastfood"))  # a future setting
     tg.main(["--table", str(tmp_path / "base"), str(tmp_path / "lora"), str(tmp_path / "proj"),

@@ -860,7 +860,8 @@ def collect_runs(paths):
                 results = json.loads(file.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"--table: {file} is not a readable results.json ({e})") from None
-            if isinstance(results, dict) and "epochs" in results:  # a training run (eval-N/ holds scores only)
+            # a GLUE training run: eval-N/ holds scores only, and other scripts' runs have other tasks
+            if isinstance(results, dict) and "best" in results and results.get("config", {}).get("task") in TASKS:
                 runs.append(results)
     if not runs:
         raise UserError(f"--table: no training run (results.json) under {', '.join(map(str, paths))}")
