@@ -668,8 +668,9 @@ def test_summary_statistics_against_numpy():
         assert s["std"] == pytest.approx(np.std(vals, ddof=1))  # the sample std over seeds
 
 
-def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path):
+def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path, capsys):
     summary, out = run(assets, tmp_path, "--seeds", "1,2", "--max_steps", "2")
+    assert "  seed               [1, 2]\n" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["seed-1", "seed-2", "summary.json"]
     runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1, 2)]
     assert [r["config"]["seed"] for r in runs] == [1, 2]

@@ -56,7 +56,6 @@ import signal
 import statistics
 import sys
 import time
-import urllib.error
 import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
@@ -237,7 +236,7 @@ def fetch_glue(task, root):
                        f"GLUE's mirror changed; download {task} by hand and pass --data_dir")
         shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy (e.g. MNLI without dev_mismatched.tsv)
         os.replace(tmp, dest)
-    except (OSError, urllib.error.URLError, zipfile.BadZipFile) as e:  # ConnectionError and HTTPError included
+    except (OSError, zipfile.BadZipFile) as e:  # OSError: ConnectionError and urllib's HTTPError too
         raise DataError(f"cannot download GLUE {task} ({str(e).splitlines()[0]}). Without network, pass "
                         f"--data_dir with a {spec['folder']} folder holding {', '.join(needed)}") from None
     finally:
@@ -1033,6 +1032,8 @@ def train(args):
     with staged(out, args.overwrite) as stage:
         model_dir, model_config = fetch_model(args.model or DEFAULTS["model"])
         cfg, from_recipe = resolve_config(args, model_config)
+        if args.seeds:
+            cfg["seed"] = args.seeds  # printed as such; each run records its own
         print_config(cfg, from_recipe, model_config)
         data = load_data(cfg)
         if not args.seeds:
