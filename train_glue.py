@@ -712,60 +712,61 @@ def make_optimizer(model, adapter, cfg, n_train):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total
 
 
+def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step):
+    """One optimiser step on the training examples at `index`, in micro-batches; returns its mean loss."""
+    encoded, labels = train_set
+    regression = TASKS[cfg["task"]]["labels"] is None
+    micro = cfg["batch_size"] // cfg["grad_accum"]
+    batch_loss = 0.0
+    for ids, mask, types, y in batches(encoded, labels, index, micro, pad_id, regression, cfg["device"]):
+        with autocast(cfg):
+            out = model(ids, mask, types)
+        loss = loss_sum(out, y, regression) / len(index)
+        loss.backward()
+        batch_loss += loss.item()
+    check_finite(batch_loss, step)  # before the update: nothing diverged is ever applied or saved
+    if cfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if torch.device(cfg["device"]).type == "cuda":
+        torch.cuda.synchronize()  # so that the step's time is the step's
+    return batch_loss
+
+
 def fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, cfg, pad_id, folder):
     """Train for total_steps, scoring the dev sets after every epoch (and at the last step) and saving the best
     epoch in folder/best. Returns (history, best, seconds of each optimiser step)."""
-    encoded, labels = train_set
-    regression = TASKS[cfg["task"]]["labels"] is None
     metric = TASKS[cfg["task"]]["metrics"][0]
+    n, batch_size = len(train_set[0]), cfg["batch_size"]
     order_rng = torch.Generator().manual_seed(cfg["seed"])  # data order independent of dropout/init draws
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    micro = cfg["batch_size"] // cfg["grad_accum"]
-    steps_per_epoch = math.ceil(len(encoded) / cfg["batch_size"])
-    history, best, step_times, step = [], None, [], 0
+    history, best, step_times = [], None, []
     model.train()
-    bar = tqdm(total=total_steps, desc=f"{cfg['task']} {cfg['method']} seed {cfg['seed']}", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
-        perm = torch.randperm(len(encoded), generator=order_rng).tolist()
-        epoch_loss, seen = 0.0, 0
-        for b in range(0, len(perm), cfg["batch_size"]):
-            if step >= total_steps:
-                break
-            t0 = time.perf_counter()
-            index = perm[b:b + cfg["batch_size"]]
-            batch_loss = 0.0
-            for ids, mask, types, y in batches(encoded, labels, index, micro, pad_id, regression, cfg["device"]):
-                with autocast(cfg):
-                    out = model(ids, mask, types)
-                loss = loss_sum(out, y, regression) / len(index)
-                loss.backward()
-                batch_loss += loss.item()
-            check_finite(batch_loss, step + 1)
-            if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if torch.device(cfg["device"]).type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            epoch_loss, seen = epoch_loss + batch_loss * len(index), seen + len(index)
-            bar.update(1)
-            bar.set_postfix(loss=f"{batch_loss:.4f}", refresh=False)  # the bar redraws at its own pace
+    with tqdm(total=total_steps, desc=f"{cfg['task']} {cfg['method']} seed {cfg['seed']}", dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:  # closed on errors too: messages start clean
+        for epoch in range(1, math.ceil(total_steps / math.ceil(n / batch_size)) + 1):
+            perm = torch.randperm(n, generator=order_rng).tolist()
+            epoch_loss, seen = 0.0, 0
+            for b in range(0, n, batch_size):
+                if len(step_times) == total_steps:
+                    break
+                index = perm[b:b + batch_size]
+                t0 = time.perf_counter()
+                loss = train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, len(step_times) + 1)
+                step_times.append(time.perf_counter() - t0)
+                epoch_loss, seen = epoch_loss + loss * len(index), seen + len(index)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # the bar redraws at its own pace
 
-        dev = evaluate_all(model, dev_sets, cfg, pad_id)
-        check_finite(dev["loss"], step)  # the last step's update can diverge after its own finite loss
-        history.append({"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, seen), "dev": dev})
-        bar.write(f"epoch {epoch} step {step}: train loss {epoch_loss / max(1, seen):.4f}, dev "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
-        if best is None or dev[metric] > best["dev"][metric]:
-            best = history[-1]
-            save_model(folder / "best", cfg, model, adapter)
-        if step >= total_steps:
-            break
-    bar.close()
+            dev = evaluate_all(model, dev_sets, cfg, pad_id)
+            check_finite(dev["loss"], len(step_times))  # the last update can diverge after its own finite loss
+            history.append({"epoch": epoch, "step": len(step_times), "train_loss": epoch_loss / seen, "dev": dev})
+            bar.write(f"epoch {epoch} step {len(step_times)}: train loss {epoch_loss / seen:.4f}, dev "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+            if best is None or dev[metric] > best["dev"][metric]:
+                best = history[-1]
+                save_model(folder / "best", cfg, model, adapter)
     return history, best, step_times
 
 
