@@ -551,7 +551,7 @@ def test_head_weight_decay_only_on_head_weights(assets):
                seed=1, device="cpu", head_lr=1e-3, lr=5e-3, weight_decay=0.1, max_steps=10, warmup_ratio=0.06)
     for kind, decayed in (("roberta", {"classifier.dense.weight", "classifier.out_proj.weight"}),
                           ("bert", {"classifier.weight"})):
-        model, adapter, _, _ = tg.build_model(cfg, models[kind])
+        model, adapter = tg.build_model(cfg, models[kind])
         optimizer, _, _ = tg.make_optimizer(model, adapter, cfg, 100)
         names = {id(p): n for n, p in model.named_parameters()}
         groups = [({names[id(p)] for p in g["params"]}, g["lr"], g["weight_decay"]) for g in optimizer.param_groups]

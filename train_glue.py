@@ -636,15 +636,11 @@ def subfolders(root):
 
 
 def build_model(cfg, model_dir, load=None):
-    """(model on its device, adapter or None, tokenizer, pad id): a fresh adapter, or the one saved in `load`."""
+    """(model on its device, adapter or None): a fresh adapter, or the one saved in the run folder `load`."""
     try:
         encoder = Encoder.from_pretrained(model_dir)
-        tok = Tokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model {cfg['model']}: {e}") from None
-    # roberta-base ships no special_tokens_map.json, so the tokenizer may not know its pad token; the model
-    # config does (and RoBERTa's position ids are computed from exactly that id).
-    pad_id = tok.pad_id if tok.pad_id is not None else encoder.config.get("pad_token_id", 0)
     labels = TASKS[cfg["task"]]["labels"]
     model = GlueModel(encoder, 1 if labels is None else len(labels))
     targets = tuple(t.strip() for t in (cfg["targets"] or "").split(",") if t.strip())
@@ -668,16 +664,31 @@ def build_model(cfg, model_dir, load=None):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         flag = f"--load {load}" if load else "--d / --r / --targets"
         raise UserError(f"{flag}: {str(e).splitlines()[0]}") from None
-    return model.to(cfg["device"]), adapter, tok, pad_id
+    return model.to(cfg["device"]), adapter
 
 
-def encode(tok, examples, max_length):
-    texts, labels = examples
-    out = []
-    for t in tqdm(texts, desc="tokenize", leave=False, disable=len(texts) < 20000):
-        e = tok.encode(t[0], t[1] if len(t) > 1 else None, max_length=max_length)
-        out.append((e.ids, e.type_ids))
-    return out, labels
+def tokenize(data, model_dir, model_config, cfg):
+    """data with every text replaced by its (token ids, type ids), once for all seeds; adds the pad id."""
+    try:
+        tok = Tokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model {cfg['model']}: {e}") from None
+
+    def encode(examples):
+        texts, labels = examples
+        out = []
+        for t in tqdm(texts, desc="tokenize", leave=False, disable=len(texts) < 20000):
+            e = tok.encode(t[0], t[1] if len(t) > 1 else None, max_length=cfg["max_length"])
+            out.append((e.ids, e.type_ids))
+        return out, labels
+
+    # roberta-base ships no special_tokens_map.json, so the tokenizer may not know its pad token; the model
+    # config does (and RoBERTa's position ids are computed from exactly that id).
+    pad_id = tok.pad_id if tok.pad_id is not None else model_config.get("pad_token_id", 0)
+    out = {**data, "dev": {name: encode(examples) for name, examples in data["dev"].items()}, "pad_id": pad_id}
+    if "train" in data:
+        out["train"] = encode(data["train"])
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -795,9 +806,8 @@ def train_run(cfg, from_recipe, data, model_dir, folder):
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    model, adapter, tok, pad_id = build_model(cfg, model_dir)
-    train_set = encode(tok, data["train"], cfg["max_length"])
-    dev_sets = {name: encode(tok, examples, cfg["max_length"]) for name, examples in data["dev"].items()}
+    model, adapter = build_model(cfg, model_dir)
+    train_set, dev_sets, pad_id = data["train"], data["dev"], data["pad_id"]
     counts = dict(adapter.counts()) if adapter is not None else {"d": 0, "D": 0}
     counts = {"d": counts["d"], "D": counts["D"], "head": sum(p.numel() for p in model.classifier.parameters())}
     print(f"{cfg['task']} seed {cfg['seed']}: {len(train_set[0])} train / "
@@ -1010,13 +1020,12 @@ def evaluate_saved(args):
         torch.set_num_threads(args.threads)
     dest = Path(args.output_dir or new_eval_dir(load))
     with staged(dest, args.overwrite) as stage:
-        data = load_data(cfg, train=False)
         model_dir, model_config = fetch_model(cfg["model"])
         fit_max_length(cfg, model_config)
-        model, _, tok, pad_id = build_model(cfg, model_dir, load=load)
-        dev_sets = {name: encode(tok, examples, cfg["max_length"]) for name, examples in data["dev"].items()}
-        dev = evaluate_all(model, dev_sets, cfg, pad_id)
-        counts = {name: len(e) for name, (e, _) in dev_sets.items()}
+        data = tokenize(load_data(cfg, train=False), model_dir, model_config, cfg)
+        model, _ = build_model(cfg, model_dir, load=load)
+        dev = evaluate_all(model, data["dev"], cfg, data["pad_id"])
+        counts = {name: len(e) for name, (e, _) in data["dev"].items()}
         write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
                                             "data": {"folder": data["folder"], "dev_examples": counts,
                                                      "glue_dev_counts": data["glue_dev_counts"]}})
@@ -1036,7 +1045,7 @@ def train(args):
         if args.seeds:
             cfg["seed"] = args.seeds  # printed as such; each run records its own
         print_config(cfg, from_recipe, model_config)
-        data = load_data(cfg)
+        data = tokenize(load_data(cfg), model_dir, model_config, cfg)
         if not args.seeds:
             results = train_run(cfg, from_recipe, data, model_dir, stage)
         else:
