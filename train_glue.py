@@ -662,8 +662,8 @@ def build_model(cfg, model_dir, load=None):
         if load:
             model.classifier.load_state_dict(load_safetensors(load / "head.safetensors"))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        flag = f"--load {load}" if load else "--d / --r / --targets"
-        raise UserError(f"{flag}: {str(e).splitlines()[0]}") from None
+        what = f"--load {load} does not fit --model {cfg['model']}" if load else "--d / --r / --targets"
+        raise UserError(f"{what}: {' '.join(str(e).split())[:300]}") from None
     return model.to(cfg["device"]), adapter
 
 
