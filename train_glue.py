@@ -825,12 +825,12 @@ def train_run(cfg, from_recipe, data, model_dir, folder):
                         "train_examples": len(train_set[0]),
                         "dev_examples": {name: len(e) for name, (e, _) in dev_sets.items()}},
                "epochs": history, "best": best, "last": history[-1], "steps": len(step_times),
-               "seconds_per_step": statistics.median(step_times), "wall_time_s": round(time.time() - t0, 2),
+               "seconds_per_step_median": statistics.median(step_times), "wall_time_s": round(time.time() - t0, 2),
                **peak_memory_mb()}
     write_json(folder / "results.json", results)
     metric = TASKS[cfg["task"]]["metrics"][0]
     print(f"best {metric} {best['dev'][metric]:.4f} at epoch {best['epoch']}; {len(step_times)} steps, "
-          f"{results['seconds_per_step']:.3f} s/step")
+          f"{results['seconds_per_step_median']:.3f} s/step")
     return results
 
 
