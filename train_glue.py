@@ -19,8 +19,9 @@ Where each default comes from:
                      weights (the scripts pass --weight_decay 0.1 to the Hugging Face trainer, which applies it so);
                      linear schedule, 6% warmup, batch 32, gradient clipping at norm 1.0 (that trainer's default),
                      fp32, seed 1, dev evaluation every epoch, best epoch reported.
-  the paper's text - mean (and here also std and median) of the best-epoch dev metric over seeds 1-5
-                     (--seeds 1,2,3,4,5); the reported parameter count is d (the head is not counted).
+  the paper's text - a result is the mean over 5 seeds of the best-epoch dev metric (--seeds 1,2,3,4,5, the
+                     seeds of the official multi-seed scripts; the summary adds std and median); the reported
+                     parameter count is d (the head is not counted).
   this project     - random signs in P (--signs, default on): P stays an exact isometry and the bias that ties
                      every LoRA entry to its group's mean direction is gone; untested in the literature, so
                      --no-signs gives the published method. MNLI and QQP recipes (not in the paper) copy QNLI's.
