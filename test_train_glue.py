@@ -764,6 +764,8 @@ def test_user_errors_are_short_name_the_flag_and_leave_nothing(assets, tmp_path,
     _, saved = run(assets, tmp_path, "--max_steps", "1", name="saved")
     empty = tmp_path / "empty"
     empty.mkdir()
+    old = tmp_path / "old"
+    write_results(old, {"config": {"task": "sst2"}, "best": {}, "epochs": []})  # no from_recipe: an old version
     headless = write_task(tmp_path / "headless", "sst2")
     (headless / "dev.tsv").write_text("good movie\t1\n")
     base = ["--model", str(models["bert"]), "--data_dir", str(data["sst2"]), "--output_dir", str(tmp_path / "out")]
@@ -792,6 +794,7 @@ def test_user_errors_are_short_name_the_flag_and_leave_nothing(assets, tmp_path,
         (["--table", str(tmp_path), "--task", "sst2"], "--table takes only folders"),
         (["--table", str(tmp_path / "nope")], "no such file or folder"),
         (["--table", str(empty)], "--table: no training run"),
+        (["--table", str(old)], f"--table: {old / 'results.json'} was written by an older train_glue.py"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = tree(tmp_path)

@@ -872,8 +872,13 @@ def collect_runs(paths):
             except (OSError, ValueError) as e:
                 raise UserError(f"--table: {file} is not a readable results.json ({e})") from None
             # a GLUE training run: eval-N/ holds scores only, and other scripts' runs have other tasks
-            if isinstance(results, dict) and "best" in results and results.get("config", {}).get("task") in TASKS:
-                runs.append(results)
+            if not isinstance(results, dict) or "best" not in results or results.get("kind") == "eval" \
+                    or results.get("config", {}).get("task") not in TASKS:
+                continue
+            if not {"from_recipe", "trainable"} <= results.keys():
+                raise UserError(f"--table: {file} was written by an older train_glue.py; run it again with "
+                                f"this version (or leave its folder out)")
+            runs.append(results)
     if not runs:
         raise UserError(f"--table: no training run (results.json) under {', '.join(map(str, paths))}")
     return runs
