@@ -1025,6 +1025,9 @@ def evaluate_saved(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dest = Path(args.output_dir or new_eval_dir(load))
+    if dest.resolve() in (load.resolve(), *load.resolve().parents):  # --overwrite would replace the run itself
+        raise UserError(f"--output_dir {dest} holds the run that --load reads; leave --output_dir out to write "
+                        f"{new_eval_dir(load)}")
     with staged(dest, args.overwrite) as stage:
         model_dir, model_config = fetch_model(cfg["model"])
         fit_max_length(cfg, model_config)
