@@ -542,7 +542,21 @@ def test_presets_come_from_config_json_not_from_the_name(assets, tmp_path):
     cfg = large["config"]
     assert (cfg["preset"], cfg["head_lr"], cfg["lr"], cfg["epochs"], cfg["max_length"]) == ("large", 5e-3, 5e-3, 3, 128)
     assert large["from_recipe"] == ["head_lr", "lr", "max_length"]
-    assert tg.RECIPES["large"]["sst2"] == (2e-4, 1e-3, 20) and tg.RECIPES["base"]["mrpc"] == (2e-2, 5e-3, 30)
+
+
+
+def test_the_recipes_are_the_official_scripts():
+    # (head lr, theta_d lr, epochs), from the recipe tables of docs/uni-lora.md (the official scripts)
+    base = {"sst2": (1e-4, 60), "mrpc": (2e-2, 30), "cola": (5e-3, 80), "qnli": (2e-4, 25), "rte": (5e-4, 160),
+            "stsb": (2e-4, 80)}
+    assert {t: tg.RECIPES["base"][t] for t in base} == {t: (lr, 5e-3, ep) for t, (lr, ep) in base.items()}
+    assert {t: tg.RECIPES["large"][t] for t in base} == {
+        "sst2": (2e-4, 1e-3, 20), "mrpc": (2e-3, 5e-3, 40), "cola": (2e-2, 5e-3, 40), "qnli": (5e-3, 5e-3, 20),
+        "rte": (5e-3, 5e-3, 40), "stsb": (2e-4, 5e-3, 40)}
+    assert tg.MAX_LENGTH == {"base": 512, "large": 128}
+    assert (tg.DEFAULTS["d"], tg.DEFAULTS["r"], tg.DEFAULTS["targets"], tg.DEFAULTS["batch_size"]) == (
+        23040, 4, "query,value", 32)
+    assert (tg.DEFAULTS["warmup_ratio"], tg.DEFAULTS["weight_decay"], tg.DEFAULTS["seed"]) == (0.06, 0.1, 1)
 
 
 def test_head_weight_decay_only_on_head_weights(assets):
