@@ -36,10 +36,10 @@ One projection per forward pass. Every adapted layer holds the same `SharedVecto
 shapes). The first layer that runs computes theta_D = P theta_d (the gather above), splits it once into
 (A_1, B_1, A_2, B_2, ...) and caches these views; every other layer takes its own (A_l, B_l) from the cache.
 The backward therefore runs one concatenation of D numbers and one scatter-add, whatever the number of layers.
-theta_D is recomputed when theta_d changes (its version counter moves on every in-place write: optimizer.step(),
-load(), copy_ under no_grad), when it moves (model.to()), and when the grad mode differs (no_grad,
-inference_mode). A write through `theta_d.data` bypasses the version counter and is not seen: call
-`adapter.refresh()` after one.
+theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
+no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
+inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
+moving the version counter; call `adapter.refresh()` after those.
 
 theta_d starts at U(-0.02, 0.02), not at zero: B A is quadratic in theta_d, so theta_d = 0 is a saddle
 point with an exactly zero gradient. There is no alpha/r scaling (dW = B A), as in the official code.
@@ -71,6 +71,7 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 FILE_FORMAT = "unilora-adapter/1"
 DEFAULT_EXCLUDED = ("lm_head", "classifier", "score")  # output heads are trained fully or left alone, never adapted
@@ -180,7 +181,7 @@ class SharedVector(nn.Module):
     def _factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         theta = self.theta_d
         mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        state = (theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
+        state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
         cached = self._cache.get(mode)
         if cached is None or cached[0] != state:
             pieces = [t.view(shape) for t, shape in zip(self.projection(theta).split(self.sizes), self.shapes)]
@@ -198,6 +199,12 @@ class SharedVector(nn.Module):
         self.projection._apply(lambda t: t.to(device))  # P moves with the model, but is never cast
         self._cache.clear()
         return self
+
+
+# Fused optimizers (AdamW(fused=True), ...) write parameters without moving their version counter: count every
+# torch.optim step, so that a step always invalidates theta_D.
+_optimizer_steps = [0]
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1))
 
 
 def _follow_in_fp32(params: list[nn.Parameter], fn) -> torch.device:
@@ -273,10 +280,11 @@ class UniLoRALinear(AdaptedLinear):
 # Choosing the layers
 # ----------------------------------------------------------------------------------------------------------
 
-def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0) -> list[str]:
+def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0, keep: Sequence[str] = ()) -> list[str]:
     """Names of the nn.Linear modules selected by `targets`, in named_modules() order (the order of theta_D).
 
-    targets: None: every nn.Linear except heads (a name component in DEFAULT_EXCLUDED);
+    targets: None: every nn.Linear except heads (a name component in DEFAULT_EXCLUDED) and the modules in `keep`
+                   (trained fully, see keep_trainable);
              list/tuple of str: module-name suffixes ("query" matches "encoder.layer.0.attention.self.query");
              str: a regex that must match the whole module name; callable(name, module) -> bool.
     A selected layer that cannot be adapted exactly (see _why_not_adaptable) is an error, never skipped.
@@ -286,8 +294,10 @@ def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0) -> li
             raise ValueError(f"the model already has adapter layers (e.g. '{name}'): adapters cannot be stacked. "
                              f"Call merge() on the existing adapter first, or start from a fresh model.")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    def kept(name):
+        return next((k for k in keep if _has_prefix(name, k)), None)
     if targets is None:
-        chosen = [n for n in linears if not set(n.split(".")) & set(DEFAULT_EXCLUDED)]
+        chosen = [n for n in linears if not set(n.split(".")) & set(DEFAULT_EXCLUDED) and not kept(n)]
     elif isinstance(targets, str):
         chosen = [n for n in linears if re.fullmatch(targets, n)]
     elif callable(targets):
@@ -304,6 +314,10 @@ def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0) -> li
         hint = " (a string is a regex for the whole name; pass a list for suffixes)" if isinstance(targets, str) else ""
         raise ValueError(f"targets={targets!r} match no nn.Linear module{hint}. Linear layers look like: "
                          f"{_examples(linears)}")
+    for name in chosen:
+        if kept(name):
+            raise ValueError(f"'{name}' is inside keep_trainable module '{kept(name)}', which is trained fully: leave "
+                             f"it out of targets or out of keep_trainable.")
     users = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         users[id(p)] = users.get(id(p), 0) + 1
@@ -335,6 +349,10 @@ def _why_not_adaptable(model: nn.Module, name: str, users: dict, dropout: float)
 
 def _has_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _examples(linears: dict) -> str:
@@ -618,8 +636,8 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
         raise ValueError(f"init_bound={init_bound} must be > 0: theta_d = 0 is a saddle with an exactly zero gradient.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1).")
-    names = find_targets(model, targets, dropout)
     keep = _resolve_keep(model, keep_trainable)
+    names = find_targets(model, targets, dropout, keep)
     bases = [model.get_submodule(n) for n in names]
     shapes = [shape for m in bases for shape in ((r, m.in_features), (m.out_features, r))]
     sizes = [rows * cols for rows, cols in shapes]
@@ -672,7 +690,8 @@ def load_unilora(model: nn.Module, path: str, projection: Callable | None = None
                                     projection=projection)
         except ValueError as e:
             raise ValueError(f"{path} does not fit this model: {e}") from None
-        by_hand = [n for n in payload.get("trained", {}) if not any(n.startswith(k + ".") for k in adapter.config["keep_trainable"])]
+        by_hand = [n for n in payload.get("trained", {})
+                   if not any(_has_prefix(n, k) for k in adapter.config["keep_trainable"])]
         params = dict(model.named_parameters())
         if any(n not in params for n in by_hand):
             raise ValueError(f"{path} holds tensors outside its keep_trainable modules that are not parameters "
@@ -741,8 +760,8 @@ def apply_lora(model: nn.Module, *, r: int = 4, alpha: float | None = None, targ
         raise ValueError(f"r={r} must be a positive integer.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1).")
-    names = find_targets(model, targets, dropout)
     keep = _resolve_keep(model, keep_trainable)
+    names = find_targets(model, targets, dropout, keep)
     with _all_or_nothing(model):
         _freeze_all_but(model, keep)
         for name in names:
