@@ -541,9 +541,11 @@ def count_projections(adapter):
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.mark.parametrize("targets", [None, ("query", "value", "up", "down")])  # the second repeats per block
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype):
-    model, adapter, ref = adapted_pair(dtype)
+def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype, targets):
+    model, adapter, ref = adapted_pair(dtype, targets=targets)
+    assert adapter.shared.period == (18 if targets is None else 8)  # 8 = (A, B) of the 4 layers of one block
     calls = count_projections(adapter)
     for _ in range(3):  # three micro-batches accumulate into one gradient
         x = torch.randn(4, 5, dtype=dtype)
@@ -552,7 +554,7 @@ def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype):
         out.square().mean().backward()
         expected.square().mean().backward()
         close(adapter.theta_d.grad, ref.theta.grad)
-    assert calls[0] == 1  # nine adapted layers, three forwards and backwards, one projection: theta_d never changed
+    assert calls[0] == 1  # all layers, three forwards and backwards, one projection: theta_d never changed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -169,6 +169,9 @@ class SharedVector(nn.Module):
         super().__init__()
         self.theta_d, self.projection, self.shapes = theta_d, projection, shapes
         self.sizes = [rows * cols for rows, cols in shapes]
+        # Transformer layers repeat one block of shapes (q, k, v, o, ...): the length of that block, or all shapes.
+        self.period = next(p for p in range(1, len(shapes) + 1)
+                           if len(shapes) % p == 0 and shapes == shapes[:p] * (len(shapes) // p))
         self._cache = {}  # (grad mode, inference mode) -> (state of theta_d, [(A_l, B_l)])
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -184,9 +187,18 @@ class SharedVector(nn.Module):
         state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
         cached = self._cache.get(mode)
         if cached is None or cached[0] != state:
-            pieces = [t.view(shape) for t, shape in zip(self.projection(theta).split(self.sizes), self.shapes)]
+            pieces = self._split(self.projection(theta))
             cached = self._cache[mode] = (state, list(zip(pieces[0::2], pieces[1::2])))
         return cached[1]
+
+    def _split(self, theta_D: torch.Tensor) -> list[torch.Tensor]:
+        """[A_1, B_1, A_2, ...] as views of theta_D. Seen as (blocks, block size), theta_D splits ONCE by column
+        into one (blocks, rows, cols) tensor per position in the block, which unbinds into that position's matrix
+        of every block: a few autograd nodes (one cat in the backward), whatever the number of layers."""
+        p, blocks = self.period, len(self.shapes) // self.period
+        columns = theta_D.reshape(blocks, -1).split(self.sizes[:p], dim=1)
+        by_position = [c.view(blocks, *shape).unbind(0) for c, shape in zip(columns, self.shapes)]
+        return [by_position[j][i] for i in range(blocks) for j in range(p)]
 
     def refresh(self) -> None:
         self._cache.clear()
