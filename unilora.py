@@ -35,7 +35,8 @@ vector [u; -u], so P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d
 One projection per forward pass. Every adapted layer holds the same `SharedVector` (theta_d, P, the layers'
 shapes). The first layer that runs computes theta_D = P theta_d (the gather above), splits it once into
 (A_1, B_1, A_2, B_2, ...) and caches these views; every other layer takes its own (A_l, B_l) from the cache.
-The backward therefore runs one concatenation of D numbers and one scatter-add, whatever the number of layers.
+The backward therefore gathers the layers' gradients back into one vector of D numbers and runs one scatter-add,
+whatever the number of layers.
 theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
 no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
 inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
@@ -130,7 +131,7 @@ class IndexProjection(nn.Module):
 
     def __init__(self, idx: torch.Tensor, d: int, normalize: bool = True, kind: str = "balanced"):
         super().__init__()
-        if idx.dim() != 1 or idx.is_floating_point() or (idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < 2 * d):
+        if idx.dim() != 1 or idx.is_floating_point() or not 0 <= int(idx.min()) <= int(idx.max()) < 2 * d:
             raise ValueError(f"idx must be a 1-D integer tensor with values in [0, 2d) = [0, {2 * d})")
         self.d, self.normalize, self.kind = d, normalize, kind
         counts = torch.bincount(idx.long() % d, minlength=d)
@@ -194,7 +195,8 @@ class SharedVector(nn.Module):
     def _split(self, theta_D: torch.Tensor) -> list[torch.Tensor]:
         """[A_1, B_1, A_2, ...] as views of theta_D. Seen as (blocks, block size), theta_D splits ONCE by column
         into one (blocks, rows, cols) tensor per position in the block, which unbinds into that position's matrix
-        of every block: a few autograd nodes (one cat in the backward), whatever the number of layers."""
+        of every block. The backward stacks each position's gradients and concatenates them: a number of autograd
+        nodes and kernels set by the block, not by the number of layers (per-matrix views would cost one node each)."""
         p, blocks = self.period, len(self.shapes) // self.period
         columns = theta_D.reshape(blocks, -1).split(self.sizes[:p], dim=1)
         by_position = [c.view(blocks, *shape).unbind(0) for c, shape in zip(columns, self.shapes)]
@@ -216,7 +218,13 @@ class SharedVector(nn.Module):
 # Fused optimizers (AdamW(fused=True), ...) write parameters without moving their version counter: count every
 # torch.optim step, so that a step always invalidates theta_D.
 _optimizer_steps = [0]
-register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1))
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def _follow_in_fp32(params: list[nn.Parameter], fn) -> torch.device:
@@ -519,7 +527,8 @@ class _AdapterHandle:
             if not isinstance(saved, torch.Tensor) or saved.is_floating_point() != target.is_floating_point():
                 raise ValueError(f"{path}: '{name}' is missing or not a {target.dtype} tensor; the file is damaged.")
             if saved.shape != target.shape:
-                raise ValueError(f"{path}: '{name}' has shape {tuple(saved.shape)}, this model needs {tuple(target.shape)}.")
+                raise ValueError(f"{path}: '{name}' has shape {tuple(saved.shape)}, this model needs "
+                                 f"{tuple(target.shape)}.")
         with torch.no_grad():
             for _, saved, target in pairs:
                 target.copy_(saved)
@@ -546,8 +555,9 @@ def read_adapter_file(path: str) -> tuple[dict, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, or holding objects other than tensors
-        raise ValueError(f"{path} is not a readable adapter file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}). "
-                         f"It is empty, truncated or was not written by unilora.py.") from None
+        why = (str(e).splitlines() or ["no details"])[0][:200]
+        raise ValueError(f"{path} is not a readable adapter file ({type(e).__name__}: {why}). It is empty, truncated "
+                         f"or was not written by unilora.py.") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), str):
         raise ValueError(f"{path} is not an adapter file written by unilora.py")
     try:
