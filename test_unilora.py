@@ -667,9 +667,10 @@ def test_activation_checkpointing_recomputes_the_same_theta_D(reentrant):
         sgd.zero_grad(), ref_sgd.zero_grad()
 
 
-def test_torch_compile_is_exact_and_still_projects_once_per_step():
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager also traces the backward, as inductor
+def test_torch_compile_is_exact_and_still_projects_once_per_step(backend):
     model, adapter, ref = adapted_pair(torch.float64)
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model, backend=backend)
     calls = count_projections(adapter)
     sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
     try:

@@ -40,7 +40,8 @@ whatever the number of layers.
 theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
 no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
 inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
-moving the version counter; call `adapter.refresh()` after those.
+moving the version counter; call `adapter.refresh()` after those. Under torch.compile the projection runs outside
+the compiled graph (a graph break), still once per pass.
 
 theta_d starts at U(-0.02, 0.02), not at zero: B A is quadratic in theta_d, so theta_d = 0 is a saddle
 point with an exactly zero gradient. There is no alpha/r scaling (dW = B A), as in the official code.
