@@ -1007,6 +1007,9 @@ def damaged_files(tmp_path):
         "extra-tensor.pt": (dict(payload, trained={**payload["trained"], "ghost.weight": torch.zeros(2)}),
                             "ghost.weight"),
         "other-kind.pt": (with_config(projection={"kind": "fastfood"}), "'fastfood' projection"),
+        "projection-as-text.pt": (with_config(projection="balanced"), "config 'projection' is 'balanced'"),
+        "keep-as-number.pt": (with_config(keep_trainable=[3]), "'keep_trainable' or 'projection' is damaged"),
+        "huge-seed.pt": (with_config(seed=2 ** 70), "does not fit this model"),
         "other-fingerprint.pt": (with_config(fingerprint="0" * 16), "random number generator changed"),
     }
 
@@ -1033,7 +1036,7 @@ def test_a_failed_load_names_the_file_and_leaves_the_model_as_it_was(tmp_path):
         adapter.merge()
         fresh = Tiny()
         load_unilora(fresh, str(good))  # the retry with the right file works
-    assert len(cases) == 17
+    assert len(cases) == 20
 
 
 # ---------------------------------------------------------------- the projection extension point (issue 13)

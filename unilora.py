@@ -571,12 +571,17 @@ def read_adapter_file(path: str) -> tuple[dict, dict]:
 
 
 def _check_schema(path: str, config: dict, schema: dict) -> None:
-    for key, kind in schema.items():
+    """Every key of `schema` present with its type, the optional keys (_DEFAULTS) typed too: nothing read from a
+    file is used before this check."""
+    for key, kind in {**schema, **{k: type(v) for k, v in _DEFAULTS.items() if k in config}}.items():
         if key not in config:
             raise ValueError(f"{path}: the config lacks '{key}'; the file is damaged or from another program.")
         value = config[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
             raise ValueError(f"{path}: config '{key}' is {value!r}, not a {getattr(kind, '__name__', kind)}.")
+    if not all(isinstance(name, str) for name in config.get("keep_trainable", [])) or \
+            not isinstance(config.get("projection", _DEFAULTS["projection"]).get("kind"), str):
+        raise ValueError(f"{path}: config 'keep_trainable' or 'projection' is damaged.")
     for layer in config.get("layers", ()):
         if not (isinstance(layer, list) and len(layer) == 3 and isinstance(layer[0], str)
                 and all(isinstance(v, int) and v > 0 for v in layer[1:])):
@@ -711,7 +716,7 @@ def load_unilora(model: nn.Module, path: str, projection: Callable | None = None
                                     seed=config["seed"], signs=config["signs"], init_bound=config["init_bound"],
                                     dropout=config["dropout"], keep_trainable=config.get("keep_trainable", []),
                                     projection=projection)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. a seed torch cannot take
             raise ValueError(f"{path} does not fit this model: {e}") from None
         by_hand = [n for n in payload.get("trained", {})
                    if not any(_has_prefix(n, k) for k in adapter.config["keep_trainable"])]
