@@ -29,8 +29,9 @@ entry i of group j = {i : idx_i = j} by -lr s_i mean_{k in j}(s_k g_k), g the gr
 
 P is never materialised. Write P = S Lambda with Lambda = diag(1/sqrt(n_j)) (n_j counted from idx) and S the
 D x d matrix of signs. The sign is folded into the index: row i reads entry idx_i + d [s_i = -1] of the doubled
-vector [u; -u], so P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d], and P^T g is one scatter-add
-(index_add) into 2d slots, then Lambda (first half minus second half). P costs one int32 per LoRA entry.
+vector [u; -u], so P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d] (itself one multiply of
+theta_d by the 2 x d table [Lambda; -Lambda]), and P^T g is one scatter-add (index_add) into 2d slots, then
+Lambda (first half minus second half). P costs one int32 per LoRA entry.
 
 One projection per forward pass. Every adapted layer holds the same `SharedVector` (theta_d, P, the layers'
 shapes). The first layer that runs computes theta_D = P theta_d (the gather above), splits it once into
@@ -110,18 +111,16 @@ class _Gather(torch.autograd.Function):
     """theta_D = one gather from [Lambda theta_d; -Lambda theta_d]; backward P^T g = one scatter-add into 2d slots."""
 
     @staticmethod
-    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # Plain attributes, not save_for_backward: nothing is freed by a backward, so the cached theta_D can be
         # backpropagated again (gradient accumulation, two losses of one forward).
-        ctx.idx, ctx.lam = idx, lam
-        u = theta_d * lam
-        return torch.cat([u, -u]).index_select(0, idx)
+        ctx.idx, ctx.scale = idx, scale
+        return (theta_d * scale).view(-1).index_select(0, idx)  # scale = [Lambda; -Lambda], 2 x d
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        d = ctx.lam.numel()
-        slots = grad.new_zeros(2 * d).index_add_(0, ctx.idx, grad)
-        return (slots[:d] - slots[d:]) * ctx.lam, None, None
+        slots = grad.new_zeros(ctx.scale.numel()).index_add_(0, ctx.idx, grad)
+        return (slots.view_as(ctx.scale) * ctx.scale).sum(0), None, None
 
 
 class IndexProjection(nn.Module):
@@ -137,14 +136,22 @@ class IndexProjection(nn.Module):
         self.d, self.normalize, self.kind = d, normalize, kind
         counts = torch.bincount(idx.long() % d, minlength=d)
         # Non-persistent: the seed regenerates P, a model's state_dict never carries it. Counts, not Lambda, are
-        # kept so that no float buffer is ever cast by model.to(dtype); Lambda is 1/sqrt(n_j) in theta_d's dtype.
+        # kept so that no float buffer is ever cast by model.to(dtype); Lambda is made in theta_d's dtype.
         self.register_buffer("idx", idx.to(torch.int32), persistent=False)
         self.register_buffer("counts", counts.to(torch.int32), persistent=False)
+        self._scale = None
+
+    def signed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """[Lambda; -Lambda] (2 x d) in `dtype`, made once per dtype and device."""
+        if self._scale is None or self._scale.dtype != dtype or self._scale.device != self.counts.device:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, even if first made for inference
+                lam = self.counts.to(dtype).rsqrt().nan_to_num(posinf=0.0) if self.normalize else \
+                    torch.ones(self.d, dtype=dtype, device=self.counts.device)
+                self._scale = torch.stack([lam, -lam])
+        return self._scale
 
     def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
-        lam = self.counts.to(theta_d.dtype).rsqrt().nan_to_num(posinf=0.0) if self.normalize else \
-            torch.ones_like(theta_d)
-        return _Gather.apply(theta_d, self.idx, lam)
+        return _Gather.apply(theta_d, self.idx, self.signed_scale(theta_d.dtype))
 
     def config(self) -> dict:
         return {"kind": self.kind, "normalize": self.normalize}
