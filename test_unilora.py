@@ -937,6 +937,7 @@ def test_the_handle_after_merge_says_it_was_merged(tmp_path):
     calls = [adapter.merge, adapter.counts, adapter.parameters, adapter.lora_state_dict, adapter.project,
              lambda: adapter.theta_d, lambda: adapter.save(str(tmp_path / "b.pt")),
              lambda: adapter.load(str(tmp_path / "a.pt"))]
+    apply_unilora(model, 40)  # a new adapter at the same names does not revive the old handle
     for call in calls:
         with pytest.raises(RuntimeError, match="it was merged"):
             call()

@@ -443,7 +443,7 @@ class _AdapterHandle:
 
     def layers(self) -> list[tuple[str, AdaptedLinear]]:
         found = [(n, _submodule_or_none(self.root, n)) for n in self.layer_names]
-        if any(not isinstance(m, AdaptedLinear) for _, m in found):
+        if getattr(self, "merged", False) or any(not isinstance(m, AdaptedLinear) for _, m in found):
             raise RuntimeError(f"this adapter's layers are gone from the model: it was merged (merge() puts plain "
                                f"nn.Linear layers back) or its layers were replaced. Apply a new adapter to train "
                                f"or load again.")
@@ -470,6 +470,7 @@ class _AdapterHandle:
         for name, layer in self.layers():
             layer.base.weight.copy_(layer.weight)
             _replace(self.root, name, layer.base)
+        self.merged = True  # even if another adapter is applied at the same names later
         return self.root
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
