@@ -214,7 +214,7 @@ class SharedVector(nn.Module):
         self._cache.clear()
 
     def __getstate__(self):  # deepcopy and pickle: cached tensors carry an autograd graph, never copy them
-        return dict(super().__getstate__(), _cache={})
+        return dict(self.__dict__, _cache={})
 
     def _apply(self, fn, recurse=True):
         device = _follow_in_fp32([self.theta_d], fn)
