@@ -698,7 +698,7 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
     config = {"format": FILE_FORMAT, "d": d, "D": sum(sizes), "r": r, "seed": seed, "signs": signs,
               "init_bound": init_bound, "dropout": dropout,
               "layers": [[n, m.in_features, m.out_features] for n, m in zip(names, bases)],
-              "projection": P.config(), "fingerprint": P.fingerprint(), "keep_trainable": keep}
+              "projection": {"kind": P.kind, **P.config()}, "fingerprint": P.fingerprint(), "keep_trainable": keep}
     return UniLoRA(model, names, config)
 
 
