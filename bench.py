@@ -1,15 +1,25 @@
 """Speed and memory of unilora.py, measured side by side in one run (never by a timed test).
 
-    python bench.py                      # CPU, and CUDA too when a GPU is present
-    python bench.py --device cpu --threads 2 --steps 5
+    python bench.py                          # CPU, and CUDA too when a GPU is present (long on a CPU: see README)
+    python bench.py --quick --threads 2      # a first look in under 2 minutes: smaller shapes, fewer repeats
+    python bench.py --device cpu --threads 2 --repeats 7
 
-Prints one table of ratios:
-  1. a training step of a RoBERTa-base-shaped encoder (12 layers, hidden 768, FFN 3072, random weights,
-     batch 16 x 128, query and value adapted, r = 4): Uni-LoRA (d = 23,040) over plain LoRA. Target <= 1.03.
-  2. the projection alone, forward + backward, at D = 147,456 / 1.1M / 12.5M: the naive autograd formulation
-     `theta_d[idx] * scale` (int64 index and a float scale per entry, as in PEFT's port) over ours. Target >= 2.
-  3. resident projection state in bytes per LoRA entry (target <= 8; PEFT keeps 12) and the adapter file size.
-Times are medians of interleaved repeats, so drifts in machine load hit both sides alike.
+Every row prints ours, the baseline, their time ratio ours/baseline (below 1: ours is faster), the target and
+PASS/FAIL:
+  1. a training step (forward, backward, AdamW) of a SmolLM2-135M-shaped Llama (random weights, every linear layer
+     but lm_head, r = 4): Uni-LoRA d = 65,536 over LoRA, batch 1 x 64 and 4 x 256. Target <= 1.00: Uni-LoRA trains
+     d numbers, LoRA D.
+  2. the projection per step as the model does it (every layer's (A, B) looked up, forward and backward; the
+     layers' own backward stubbed by one node that hands each matrix its gradient), at the SmolLM2 layer list
+     (d = 65,536) and the Mistral-7B one (all 7 linears of 32 layers, d = 524,288):
+     over the floor (one hand-written gather of D + split; backward one cat + one index_add, no autograd): target
+     <= 1.3; and over PEFT's formulation (int64 index and float scale per entry, autograd through indexing per
+     layer): target ours/PEFT <= 0.33 (3x faster).
+  3. a training step of a RoBERTa-base-shaped encoder, query and value, d = 23,040, batch 16 x 128: target <= 1.00;
+     resident projection state per LoRA entry (target <= 8 bytes; PEFT keeps 12) and the adapter file size.
+Times are medians of interleaved repeats, so drifts in machine load hit both sides alike. --quick keeps every row
+but shrinks the models (4 of 30 Llama layers with d scaled to keep D/d, batch 1 x 64 only, RoBERTa batch 2 x 64)
+and says so in the row.
 """
 import argparse
 import copy
@@ -19,18 +29,25 @@ import tempfile
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import unilora
-from pretrained import Encoder
+from pretrained import CausalLM, Encoder
 
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, max_position_embeddings=8192, hidden_act="silu", tie_word_embeddings=True)
+MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8)
 ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
                 "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1,
                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 
 
-def timer(device):
-    def run(fn):
+def interleaved_medians(fns: dict, repeats: int, device) -> dict:
+    def clock(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -38,11 +55,6 @@ def timer(device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-    return run
-
-
-def interleaved_medians(fns: dict, repeats: int, device) -> dict:
-    clock = timer(device)
     for fn in fns.values():  # warm-up: allocator, autograd graph, kernels
         clock(fn)
     times = {name: [] for name in fns}
@@ -52,58 +64,135 @@ def interleaved_medians(fns: dict, repeats: int, device) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def training_step_ratio(device, steps: int, batch: int, length: int) -> dict:
-    torch.manual_seed(0)
-    base = Encoder(ROBERTA_BASE).to(device).train()
-    models, optimizers = {}, {}
-    for method in ("lora", "unilora"):
+def row(device, what, ours, baseline, ratio, target, better="faster", worse="slower"):
+    """One table row; ratio is ours/baseline (time or bytes): below 1 ours is smaller, i.e. faster."""
+    verdict = f"{1 / ratio:.2f}x {better}" if ratio < 1 else f"{ratio:.2f}x {worse}" if ratio > 1 else "equal"
+    status = "PASS" if ratio <= target else "FAIL"
+    print(f"| {device} | {what} | {ours} | {baseline} | {ratio:.3f} ({verdict}) | <= {target:.2f} | {status} |",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------- training steps
+
+
+def step_times(device, base: nn.Module, make_adapter: dict, batch_fn, loss_fn, repeats: int) -> dict:
+    """Median seconds per training step (forward, backward, AdamW) for each way of adapting `base`."""
+    steps = {}
+    for name, apply in make_adapter.items():
         model = copy.deepcopy(base)
-        if method == "lora":
-            adapter = unilora.apply_lora(model, r=4, targets=("query", "value"))
-        else:
-            adapter = unilora.apply_unilora(model, 23040, r=4, targets=("query", "value"))
-        models[method] = model
-        optimizers[method] = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=0.0)
-    ids = torch.randint(3, ROBERTA_BASE["vocab_size"], (batch, length), device=device)
-    mask = torch.ones_like(ids)
+        adapter = apply(model)
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3, weight_decay=0.0)
 
-    def step(method):
-        def run():
+        def step(model=model, optimizer=optimizer):
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                hidden = models[method](ids, mask)
-            hidden[:, 0].float().square().mean().backward()
-            optimizers[method].step()
-            optimizers[method].zero_grad(set_to_none=True)
-        return run
-
-    med = interleaved_medians({m: step(m) for m in models}, steps, device)
-    return {"lora_s": med["lora"], "unilora_s": med["unilora"], "ratio": med["unilora"] / med["lora"]}
+                loss = loss_fn(model, *batch_fn())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[name] = step
+    return interleaved_medians(steps, repeats, device)
 
 
-def projection_ratio(device, D: int, d: int, repeats: int) -> dict:
-    signed_idx = unilora.make_projection(D, d, seed=0)
-    column, negative = signed_idx.long() % d, signed_idx.long() >= d
-    counts = torch.bincount(column, minlength=d)
-    theta = torch.empty(d, device=device).uniform_(-0.02, 0.02).requires_grad_()
-    grad_out = torch.randn(D, device=device)
-    # The naive formulation: an int64 index and a float per entry (sign / sqrt(n_j)), autograd through indexing.
-    naive_idx = column.to(device)
-    naive_scale = ((1 - 2 * negative.float()) / counts[column].float().sqrt()).to(device)
-    ours_idx = signed_idx.to(device)
+def llama_step_rows(device, quick: bool, repeats: int):
+    layers = 4 if quick else SMOLLM2_135M["num_hidden_layers"]
+    config = dict(SMOLLM2_135M, num_hidden_layers=layers)
+    d = round(65536 * layers / 30)  # the same D/d as the real recipe
+    torch.manual_seed(0)
+    base = CausalLM(config)
+    adapters = {"lora": lambda m: unilora.apply_lora(m, r=4), "unilora": lambda m: unilora.apply_unilora(m, d, r=4)}
 
-    def naive():
-        (theta[naive_idx] * naive_scale).backward(grad_out)
+    def lm_loss(model, ids):
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    for batch, length in ((1, 64),) if quick else ((1, 64), (4, 256)):
+        ids = torch.randint(0, config["vocab_size"], (batch, length), device=device)
+        t = step_times(device, base, adapters, lambda: (ids,), lm_loss, repeats)
+        row(device.type, f"train step, SmolLM2-135M shape{f' ({layers} of 30 layers)' if quick else ''}, "
+            f"{batch}x{length}, all linear, r=4", f"Uni-LoRA d={d:,}: {t['unilora']:.3f} s",
+            f"LoRA: {t['lora']:.3f} s", t["unilora"] / t["lora"], 1.00)
+
+
+def roberta_step_row(device, quick: bool, repeats: int):
+    batch, length = (2, 64) if quick else (16, 128)
+    torch.manual_seed(0)
+    base = Encoder(ROBERTA_BASE)
+    targets = ("query", "value")
+    adapters = {"lora": lambda m: unilora.apply_lora(m, r=4, targets=targets),
+                "unilora": lambda m: unilora.apply_unilora(m, 23040, r=4, targets=targets)}
+    ids = torch.randint(3, ROBERTA_BASE["vocab_size"], (batch, length), device=device)
+    t = step_times(device, base, adapters, lambda: (ids, torch.ones_like(ids)),
+                   lambda model, ids, mask: model(ids, mask)[:, 0].float().square().mean(), repeats)
+    row(device.type, f"train step, RoBERTa-base shape, {batch}x{length}, query+value, r=4",
+        f"Uni-LoRA d=23,040: {t['unilora']:.3f} s", f"LoRA: {t['lora']:.3f} s", t["unilora"] / t["lora"], 1.00)
+
+
+# ---------------------------------------------------------------------------------------- the projection
+
+
+def llama_shapes(c: dict, r: int = 4) -> list[tuple[int, int]]:
+    """(A, B) shapes of every linear layer of a Llama model, in model order: q, k, v, o, gate, up, down."""
+    H, I, head = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
+    layer = [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)]
+    return [s for _ in range(c["num_hidden_layers"]) for n_in, n_out in layer for s in ((r, n_in), (n_out, r))]
+
+
+class LayersBackward(torch.autograd.Function):
+    """One scalar over every (A, B) whose backward hands each its gradient: the layers' own backward, stubbed,
+    so that the gradients reach the projection as in a model (from nodes, not from hundreds of backward roots)."""
+
+    @staticmethod
+    def forward(ctx, grads, *pieces):
+        ctx.grads = grads
+        return pieces[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return None, *ctx.grads
+
+
+def projection_rows(device, name: str, shapes: list, d: int, repeats: int):
+    sizes = [a * b for a, b in shapes]
+    D, L = sum(sizes), len(shapes) // 2
+    projection = unilora.balanced_projection(sizes, d, 0, True).to(device)
+    theta = nn.Parameter(torch.empty(d, device=device).uniform_(-0.02, 0.02))
+    shared = unilora.SharedVector(theta, projection, shapes)
+    grads = [torch.randn(s, device=device) for s in shapes]
+
+    def ours():  # every layer asks for its (A, B), as the model's forward does; then one backward
+        shared.refresh()  # a new step: theta_d has just been updated
+        pieces = [t for i in range(L) for t in shared.factors()[i]]
+        LayersBackward.apply(grads, *pieces).backward()
         theta.grad = None
 
-    def ours():
-        unilora.Project.apply(theta, ours_idx, D).backward(grad_out)
+    idx, plain = projection.idx, theta.detach()
+
+    def floor():  # one gather of D and a split; backward: one cat of the L gradients, one index_add into 2d slots
+        torch.cat([plain, -plain]).index_select(0, idx).split(sizes)
+        plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads]))
+
+    # PEFT's formulation: an int64 column and a float scale per entry, autograd through indexing for each matrix.
+    column = (idx.long() % d).split(sizes)
+    counts = torch.bincount(idx.long() % d, minlength=d).float()
+    scale = ((1 - 2 * (idx >= d).float()) / counts[idx.long() % d].sqrt()).split(sizes)
+
+    def peft():
+        pieces = [(theta[c] * s).view(shape) for c, s, shape in zip(column, scale, shapes)]
+        LayersBackward.apply(grads, *pieces).backward()
         theta.grad = None
 
-    with torch.no_grad():  # both compute the same P theta_d
-        assert torch.allclose(theta[naive_idx] * naive_scale, unilora.Project.apply(theta, ours_idx, D))
-    med = interleaved_medians({"naive": naive, "ours": ours}, repeats, device)
-    return {"naive_ms": 1e3 * med["naive"], "ours_ms": 1e3 * med["ours"], "speedup": med["naive"] / med["ours"],
-            "ours_bytes": ours_idx.element_size(), "naive_bytes": naive_idx.element_size() + naive_scale.element_size()}
+    with torch.no_grad():  # all three compute the same P theta_d
+        ours_D = torch.cat([t.flatten() for ab in shared.factors() for t in ab])
+        assert torch.allclose(ours_D, torch.cat([(theta[c] * s) for c, s in zip(column, scale)]), atol=1e-7)
+    t = interleaved_medians({"ours": ours, "floor": floor, "peft": peft}, repeats, device)
+    what = f"projection per step fwd+bwd, {name} ({L} layers, D={D:,}, d={d:,})"
+    row(device.type, what, f"{1e3 * t['ours']:.1f} ms", f"floor (gather D + split): {1e3 * t['floor']:.1f} ms",
+        t["ours"] / t["floor"], 1.30)
+    row(device.type, what, f"{1e3 * t['ours']:.1f} ms", f"PEFT's per-layer indexing: {1e3 * t['peft']:.1f} ms",
+        t["ours"] / t["peft"], 0.33)
+    return idx.element_size(), column[0].element_size() + scale[0].element_size()
 
 
 def adapter_file_bytes() -> int:
@@ -119,32 +208,32 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per method")
-    parser.add_argument("--repeats", type=int, default=15, help="timed projection repeats")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, help="timed repeats per row (default 5 steps / 15 projections; "
+                                                    "--quick: 3 / 5)")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a first look")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
+    step_repeats = args.repeats or (3 if args.quick else 5)
+    projection_repeats = args.repeats or (5 if args.quick else 15)
     print(f"torch {torch.__version__}, {args.threads} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device"))
-    print("\n| device | measurement | ours | baseline | ratio | target |\n|---|---|---|---|---|---|")
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device")
+          + (", --quick" if args.quick else ""))
+    print("\n| device | measurement | ours | baseline | ours / baseline | target | result |\n|---|---|---|---|---|---|---|")
+    start = time.time()
     for device in devices:
-        step = training_step_ratio(device, args.steps, args.batch, args.length)
-        print(f"| {device.type} | train step, RoBERTa-base shape, {args.batch}x{args.length}, q+v, r=4 "
-              f"| Uni-LoRA d=23,040: {step['unilora_s']:.3f} s | LoRA: {step['lora_s']:.3f} s "
-              f"| {step['ratio']:.3f} | <= 1.03 |", flush=True)
-        for D, d in ((147_456, 23_040), (1_100_000, 131_072), (12_500_000, 524_288)):
-            p = projection_ratio(device, D, d, args.repeats)
-            print(f"| {device.type} | projection fwd+bwd, D={D:,}, d={d:,} | {p['ours_ms']:.2f} ms "
-                  f"| naive theta_d[idx]*scale: {p['naive_ms']:.2f} ms | {p['speedup']:.2f}x faster | >= 2x |",
-                  flush=True)
-    print(f"| any | projection state per LoRA entry | {p['ours_bytes']} bytes (int32 signed index) | {p['naive_bytes']} bytes (int64 index + fp32 scale) | "
-          f"{p['naive_bytes'] / p['ours_bytes']:.1f}x smaller | <= 8 bytes |")
+        llama_step_rows(device, args.quick, step_repeats)
+        bytes_ours, bytes_peft = projection_rows(device, "SmolLM2-135M", llama_shapes(SMOLLM2_135M), 65536,
+                                                 projection_repeats)
+        projection_rows(device, "Mistral-7B", llama_shapes(MISTRAL_7B), 524288, projection_repeats)
+        roberta_step_row(device, args.quick, step_repeats)
+    row("any", "projection state per LoRA entry", f"{bytes_ours} bytes (int32 signed index)",
+        f"{bytes_peft} bytes (int64 index + fp32 scale)", bytes_ours / bytes_peft, 8 / bytes_peft, "smaller", "larger")
     size = adapter_file_bytes()
-    print(f"| any | adapter file, d=23,040 | {size:,} bytes | 4d + 4 KiB = {4 * 23040 + 4096:,} bytes "
-          f"| {size / (4 * 23040):.3f} x 4d | < 4d + 4 KiB |")
+    row("any", "adapter file, d=23,040, nothing else trained", f"{size:,} bytes", f"4d = {4 * 23040:,} bytes",
+        size / (4 * 23040), 1 + 4096 / (4 * 23040), "smaller", "larger")
+    print(f"\n{time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

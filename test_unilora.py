@@ -126,20 +126,35 @@ def test_assignment_is_balanced_and_uses_every_column(D, d):
     assert (counts > 0).all() and counts.sum() == D
 
 
-def test_scale_columns_matches_the_counts():
-    for D, d in [(1000, 7), (997, 100), (64, 64)]:
-        column, _ = columns_and_signs({"D": D, "d": d, "seed": 0, "signs": True})
-        counts = torch.bincount(column, minlength=d).double()
-        theta = torch.randn(d, dtype=torch.float64)
-        assert torch.allclose(unilora.scale_columns(theta, D), theta / counts.sqrt(), atol=1e-15)
+def test_lambda_is_counted_from_idx_and_backward_is_P_transpose():
+    # A hand-made signed index over d = 4 columns: column 0 used 3 times, column 1 once (negated), column 3 twice,
+    # column 2 never (its scale is 0, and its gradient too).
+    idx = torch.tensor([0, 4 + 1, 0, 3, 4 + 0, 3])
+    P = torch.zeros(6, 4, dtype=torch.float64)
+    for i, (j, s, n) in enumerate([(0, 1, 3), (1, -1, 1), (0, 1, 3), (3, 1, 2), (0, -1, 3), (3, 1, 2)]):
+        P[i, j] = s / math.sqrt(n)
+    projection = unilora.IndexProjection(idx, 4)
+    theta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = projection(theta)
+    assert torch.allclose(out, P @ theta.detach(), atol=1e-15, rtol=0)
+    g = torch.randn(6, dtype=torch.float64)
+    out.backward(g)
+    assert torch.allclose(theta.grad, P.T @ g, atol=1e-15, rtol=0) and theta.grad[2] == 0
+    unnormalized = unilora.IndexProjection(idx, 4, normalize=False, kind="nonorm")
+    assert torch.equal(unnormalized(theta.detach()), P.sign() @ theta.detach())
+    assert unnormalized.config() == {"kind": "nonorm", "normalize": False}
+    assert unnormalized.fingerprint() != projection.fingerprint()
+    with pytest.raises(ValueError, match="values in \\[0, 2d\\)"):
+        unilora.IndexProjection(torch.tensor([0, 8]), 4)
 
 
 def test_projection_is_global_every_layer_spans_all_of_theta_d():
     model = Tiny(width=24)
     d = 200
     adapter = apply_unilora(model, d)
-    for name, m in adapter.layers():
-        hist = torch.bincount(m.idx.long() % d * 8 // d, minlength=8)
+    idx = make_projection(adapter.config["D"], d, 0, True)
+    for name, (start, stop) in layer_rows(adapter).items():
+        hist = torch.bincount(idx[start:stop].long() % d * 8 // d, minlength=8)
         assert (hist > 0).all(), f"{name} draws on only part of theta_d: {hist.tolist()}"
 
 
@@ -236,7 +251,7 @@ def test_only_theta_d_and_what_the_user_keeps_get_gradients():
     adapter = apply_unilora(model, 64, keep_trainable=("classifier",))
     model(torch.randn(4, 5)).sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {"inp.theta_d", "classifier.weight", "classifier.bias"}
+    assert with_grad == {"inp.shared.theta_d", "classifier.weight", "classifier.bias"}
     assert [p for p in model.parameters() if p.requires_grad] == [adapter.theta_d, model.classifier.weight,
                                                                    model.classifier.bias]
     counts = adapter.counts()
@@ -467,6 +482,606 @@ def test_lora_baseline_is_standard_lora(tmp_path):
     merge_adapters(fresh)
     assert type(fresh.blocks[0].query) is nn.Linear
     assert torch.allclose(fresh(x), out, atol=1e-12)
+
+
+# ---------------------------------------------------------------- one projection per pass, exactly (issue 10)
+
+
+class HandAdapted:
+    """The adapted model written independently, layer by layer: a copy of the base model whose targeted nn.Linear
+    layers add x A^T B^T through forward hooks, (A, B) being this layer's rows of a dense P (dense_P) times a theta
+    leaf of its own. Of unilora.py only the config is used (to regenerate P)."""
+
+    def __init__(self, base_copy, adapter):
+        self.model, self.r = base_copy, adapter.config["r"]
+        self.theta = adapter.theta_d.detach().clone().requires_grad_()
+        self.P = dense_P(adapter)
+        for name, (start, stop) in layer_rows(adapter).items():
+            self.model.get_submodule(name).register_forward_hook(self._hook(start, stop))
+
+    def _hook(self, start, stop):
+        def add_lora(module, inputs, out):
+            flat = self.P[start:stop].to(self.theta.dtype) @ self.theta
+            n_a = self.r * module.in_features
+            A, B = flat[:n_a].view(self.r, -1), flat[n_a:].view(-1, self.r)
+            x = inputs[0]
+            return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+        return add_lora
+
+    def __call__(self, *args):
+        return self.model(*args)
+
+
+def adapted_pair(dtype=torch.float32, d=60, **kwargs):
+    model = Tiny(dtype=dtype)
+    reference = copy.deepcopy(model)
+    adapter = apply_unilora(model, d, init_bound=0.3, **kwargs)
+    return model, adapter, HandAdapted(reference, adapter)
+
+
+def close(actual, expected):
+    """Equal to 1e-6 relative (fp32) or 1e-12 (fp64), measured against the largest entry."""
+    tol = 1e-6 if expected.dtype == torch.float32 else 1e-12
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= tol * expected.abs().max(), (actual - expected).abs().max()
+
+
+def count_projections(adapter):
+    """Count calls of the adapter's projection (theta_D = P theta_d)."""
+    projection, calls = adapter.shared.projection, [0]
+    forward = projection.forward
+
+    def counted(theta):
+        calls[0] += 1
+        return forward(theta)
+    projection.forward = counted
+    return calls
+
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("targets", [None, ("query", "value", "up", "down")])  # the second repeats per block
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype, targets):
+    model, adapter, ref = adapted_pair(dtype, targets=targets)
+    assert adapter.shared.period == (18 if targets is None else 8)  # 8 = (A, B) of the 4 layers of one block
+    calls = count_projections(adapter)
+    for _ in range(3):  # three micro-batches accumulate into one gradient
+        x = torch.randn(4, 5, dtype=dtype)
+        out, expected = model(x), ref(x)
+        close(out, expected)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        close(adapter.theta_d.grad, ref.theta.grad)
+    assert calls[0] == 1  # all layers, three forwards and backwards, one projection: theta_d never changed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_grad_and_inference_mode_between_training_passes(dtype):
+    model, adapter, ref = adapted_pair(dtype)
+    x = torch.randn(4, 5, dtype=dtype)
+    model(x).sum().backward()
+    with torch.no_grad():
+        out = model(x)
+        assert out.grad_fn is None
+        close(out, ref(x))
+    with torch.inference_mode():
+        close(model(x), ref(x))
+    adapter.theta_d.grad = None
+    model(x).square().sum().backward()  # back in grad mode: the graph-carrying theta_D, not an inference tensor
+    ref(x).square().sum().backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
+
+
+OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5),
+              "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=0.05, foreach=True),
+              "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.05, fused=True)}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_forward_after_optimizer_step_never_sees_a_stale_theta_D(optimizer):
+    model, adapter, ref = adapted_pair(torch.float64)
+    ours, theirs = OPTIMIZERS[optimizer](adapter.parameters()), OPTIMIZERS[optimizer]([ref.theta])
+    calls = count_projections(adapter)
+    for step in range(3):
+        x = torch.randn(4, 5, dtype=torch.float64)
+        out, expected = model(x), ref(x)
+        close(out, expected)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        close(adapter.theta_d.grad, ref.theta.grad)
+        ours.step(), theirs.step()
+        ours.zero_grad(), theirs.zero_grad()
+    close(adapter.theta_d.detach(), ref.theta.detach())
+    assert calls[0] == 3
+
+
+def test_model_to_after_a_forward_recomputes_theta_D():
+    model, adapter, ref = adapted_pair(torch.float32)
+    x = torch.randn(4, 5)
+    model(x).sum().backward()  # the cache now holds fp32 pieces and theta_d a gradient
+    model.to(torch.float64)
+    assert adapter.theta_d.dtype == adapter.theta_d.grad.dtype == torch.float64
+    ref.model.to(torch.float64)
+    ref.theta = adapter.theta_d.detach().clone().requires_grad_()
+    adapter.theta_d.grad = None
+    x = x.double()
+    out, expected = model(x), ref(x)
+    close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_forwards_one_backward_and_two_losses_backwarded_apart(dtype):
+    model, adapter, ref = adapted_pair(dtype)
+    x1, x2 = torch.randn(3, 5, dtype=dtype), torch.randn(2, 5, dtype=dtype)
+    (model(x1).square().sum() + model(x2).sum()).backward()
+    (ref(x1).square().sum() + ref(x2).sum()).backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
+    adapter.theta_d.grad = ref.theta.grad = None
+    ours, theirs = (model(x1).square().sum(), model(x2).sum()), (ref(x1).square().sum(), ref(x2).sum())
+    for a, b in zip(ours, theirs):
+        a.backward()
+        b.backward()
+        close(adapter.theta_d.grad, ref.theta.grad)
+
+
+def test_calling_an_adapted_submodule_directly():
+    model, adapter, ref = adapted_pair(torch.float64)
+    h = torch.randn(3, 12, dtype=torch.float64)
+    out, expected = model.blocks[1](h), ref.model.blocks[1](h)
+    close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
+    close(model.blocks[0].up(h), ref.model.blocks[0].up(h))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, block, reentrant):
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_recomputes_the_same_theta_D(reentrant):
+    model, adapter, ref = adapted_pair(torch.float64)
+    theta = adapter.theta_d  # the handle's layer names change below
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = Checkpointed(block, reentrant)
+    sgd, ref_sgd = torch.optim.SGD([theta], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
+    for step in range(2):
+        x = torch.randn(4, 5, dtype=torch.float64)
+        out, expected = model(x), ref(x)
+        close(out, expected)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        close(theta.grad, ref.theta.grad)
+        sgd.step(), ref_sgd.step()
+        sgd.zero_grad(), ref_sgd.zero_grad()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager also traces the backward, as inductor
+def test_torch_compile_is_exact_and_still_projects_once_per_step(backend):
+    model, adapter, ref = adapted_pair(torch.float64)
+    compiled = torch.compile(model, backend=backend)
+    calls = count_projections(adapter)
+    sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
+    try:
+        for step in range(2):
+            x = torch.randn(4, 5, dtype=torch.float64)
+            out, expected = compiled(x), ref(x)
+            close(out, expected)
+            out.square().mean().backward()
+            expected.square().mean().backward()
+            close(adapter.theta_d.grad, ref.theta.grad)
+            sgd.step(), ref_sgd.step()
+            sgd.zero_grad(), ref_sgd.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    assert calls[0] == 2
+
+
+def test_writes_through_data_need_refresh_and_copies_work():
+    model, adapter, ref = adapted_pair(torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model(x).sum().backward()
+    clone = copy.deepcopy(model)  # a cached theta_D carries a graph: it must not be copied
+    assert torch.equal(clone(x), model(x))
+    adapter.theta_d.data.mul_(2)  # invisible to the version counter, as the docstring says
+    adapter.refresh()
+    ref.theta = (2 * ref.theta).detach().requires_grad_()
+    close(model(x), ref(x))
+
+
+# ---------------------------------------------------------------- torch's own transformer modules (issue 9)
+
+
+def dense_dW(adapter):
+    """{layer name: B A} in float64, from the dense P built by hand and theta_d."""
+    theta_D = dense_P(adapter) @ adapter.theta_d.detach().double()
+    r, out = adapter.config["r"], {}
+    for name, n_in, n_out in adapter.config["layers"]:
+        start, stop = layer_rows(adapter)[name]
+        flat = theta_D[start:stop]
+        out[name] = flat[r * n_in:].view(n_out, r) @ flat[:r * n_in].view(r, n_in)
+    return out
+
+
+def torch_model(kind, batch_first):
+    torch.manual_seed(0)
+    layer = dict(d_model=16, nhead=4, dim_feedforward=32, dropout=0.0, batch_first=batch_first)
+    if kind == "mha":
+        return nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    if kind == "encoder_layer":
+        return nn.TransformerEncoderLayer(**layer)
+    if kind == "encoder":
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), 2, enable_nested_tensor=False)
+    return nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), 2)
+
+
+def run_torch_model(kind, model, x):
+    if kind == "mha":
+        return model(x, x, x)[0]
+    return model(x, 0.5 * x) if kind == "decoder" else model(x)
+
+
+FAST_PATH = {"mha": "_native_multi_head_attention", "encoder_layer": "_transformer_encoder_layer_fwd",
+             "encoder": "_transformer_encoder_layer_fwd", "decoder": "_native_multi_head_attention"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["mha", "encoder_layer", "encoder", "decoder"])
+def test_torch_transformer_modules_match_weights_plus_BA(kind, batch_first, dtype, tmp_path, monkeypatch):
+    model = torch_model(kind, batch_first).to(dtype)
+    unadapted = copy.deepcopy(model)
+    adapter = apply_unilora(model, 64, init_bound=1.0)
+    assert any(n.endswith("out_proj") for n in adapter.layer_names)  # MultiheadAttention's own Linear subclass
+    reference = copy.deepcopy(unadapted)
+    with torch.no_grad():
+        for name, dW in dense_dW(adapter).items():
+            W = reference.get_submodule(name).weight
+            W.copy_((W.double() + dW).to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    x = torch.randn(3, 5, 16, dtype=dtype)
+
+    def check(out, expected):
+        assert out.dtype == dtype and (out - expected).abs().max() <= tol
+        assert (run_torch_model(kind, unadapted, x) - expected).abs().max() > 5 * tol  # the adapter matters
+
+    out = run_torch_model(kind, model, x)  # training mode
+    check(out, run_torch_model(kind, reference, x))
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # a loss that LayerNorm cannot flatten
+    (out.float() * probe).sum().backward()
+    grad = adapter.theta_d.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    if dtype == torch.float32:  # the gradient, against W + B A built from a dense P and a theta leaf by hand
+        theta = adapter.theta_d.detach().clone().requires_grad_()
+        theta_D = dense_P(adapter).float() @ theta
+        r, weights = adapter.config["r"], {}
+        for name, n_in, n_out in adapter.config["layers"]:
+            start, stop = layer_rows(adapter)[name]
+            flat = theta_D[start:stop]
+            W = unadapted.get_submodule(name).weight
+            weights[name + ".weight"] = W + flat[r * n_in:].view(n_out, r) @ flat[:r * n_in].view(r, n_in)
+        hand = torch.func.functional_call(unadapted, weights, (x, x, x) if kind == "mha" else
+                                          (x, 0.5 * x) if kind == "decoder" else (x,))
+        ((hand[0] if kind == "mha" else hand) * probe).sum().backward()
+        assert torch.allclose(grad, theta.grad, rtol=1e-4, atol=1e-4 * theta.grad.abs().max())
+
+    for m in (model, reference, unadapted):
+        m.eval()
+    calls = []
+    fast = getattr(torch, FAST_PATH[kind])
+    monkeypatch.setattr(torch, FAST_PATH[kind], lambda *a, **k: calls.append(1) or fast(*a, **k))
+    with torch.no_grad():
+        check(run_torch_model(kind, model, x), run_torch_model(kind, reference, x))
+    assert bool(calls) == batch_first  # torch's eval fast path read the adapted `.weight` (batch_first only)
+
+    path = str(tmp_path / "adapter.pt")
+    adapter.save(path)
+    fresh = copy.deepcopy(unadapted)
+    load_unilora(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(run_torch_model(kind, fresh.eval(), x), run_torch_model(kind, model, x))
+        merged = adapter.merge()
+        assert not any(isinstance(m, unilora.AdaptedLinear) for m in merged.modules())
+        check(run_torch_model(kind, merged, x), run_torch_model(kind, reference, x))
+
+
+# ---------------------------------------------------------------- layers that cannot be adapted exactly
+
+
+class FakeQuantizedLinear(nn.Linear):
+    """Like the quantized Linear subclasses of common libraries: its own forward over its own storage."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.round(), self.bias)
+
+
+class Int8Param(nn.Parameter):
+    pass
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_unchanged(model, before):
+    state, types, flags = snapshot(model)
+    assert types == before[1] and flags == before[2] and state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+def test_special_linear_layers_are_refused_by_name_even_under_default_targets():
+    quantized = nn.Sequential(nn.Linear(4, 4), FakeQuantizedLinear(4, 4))
+    int8 = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    int8[1].weight = Int8Param(int8[1].weight.detach())
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    cases = [(quantized, "cannot adapt '1': FakeQuantizedLinear replaces nn.Linear's forward"),
+             (int8, "cannot adapt '1': its weight is a Int8Param .* not a plain floating nn.Parameter"),
+             (tied, "cannot adapt '0': its weight is shared with another module")]
+    for model, message in cases:
+        before = snapshot(model)
+        for apply in (lambda: apply_unilora(model, 8), lambda: apply_lora(model)):
+            with pytest.raises(ValueError, match=message):
+                apply()
+            assert_unchanged(model, before)
+    apply_unilora(quantized, 8, targets=("0",))  # left out of targets, the rest is adapted
+    with pytest.raises(ValueError, match="'head.1' is inside keep_trainable module 'head'"):
+        apply_unilora(WithHead(), 8, targets=("inp", "1"), keep_trainable=("head",))
+    with pytest.raises(ValueError, match="cannot adapt 'out_proj': nn.MultiheadAttention reads out_proj.weight"):
+        apply_unilora(nn.MultiheadAttention(8, 2), 8, dropout=0.1)
+
+
+# ---------------------------------------------------------------- the file holds everything trained
+
+
+class WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid = nn.Linear(5, 12), nn.Linear(12, 12)
+        self.head = nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, 3))
+
+    def forward(self, x):
+        return self.head(F.gelu(self.mid(F.gelu(self.inp(x)))))
+
+
+@pytest.mark.parametrize("method", ["unilora", "lora"])
+def test_a_trained_head_and_hand_unfrozen_parameters_round_trip_bit_exactly(method, tmp_path):
+    model = WithHead()
+    if method == "unilora":
+        adapter = apply_unilora(model, 30, keep_trainable=("head",))
+    else:
+        adapter = apply_lora(model, r=2, keep_trainable=("head",))
+    model.mid.base.bias.requires_grad_(True)  # unfrozen by hand: trained, so saved too
+    assert adapter.config["keep_trainable"] == ["head"]
+    assert adapter.layer_names == ["inp", "mid"]  # default targets leave the fully trained head alone
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):  # trains theta_d / A, B, the head, its BatchNorm statistics and the hand-unfrozen bias
+        model(torch.randn(8, 5)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    x = torch.randn(4, 5)
+    path = str(tmp_path / "adapter.pt")
+    adapter.save(path)
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["trained"]) == {"head.0.weight", "head.0.bias", "head.0.running_mean", "head.0.running_var",
+                                     "head.0.num_batches_tracked", "head.1.weight", "head.1.bias", "mid.base.bias"}
+    fresh = WithHead()
+    if method == "unilora":
+        loaded = load_unilora(fresh, path)
+    else:
+        loaded = apply_lora(fresh, r=2, keep_trainable=("head",)).load(path)
+    assert torch.equal(fresh.eval()(x), model(x))
+    assert not torch.equal(WithHead().eval()(x), model(x))
+    if method == "unilora":  # restored as saved: trainable again
+        assert fresh.mid.base.bias.requires_grad and fresh.head[1].weight.requires_grad
+    # what pretrained.save_peft_lora reads to export PEFT's modules_to_save
+    assert [loaded.root.get_submodule(n).state_dict().keys() for n in loaded.config.get("keep_trainable", [])]
+
+
+@pytest.mark.parametrize("cast,dtype", [(lambda m: m.to(torch.bfloat16), torch.float32),
+                                        (lambda m: m.half(), torch.float32),
+                                        (lambda m: m.bfloat16(), torch.float32),
+                                        (lambda m: m.double(), torch.float64)])
+def test_casting_the_model_afterwards_keeps_theta_d_fp32(cast, dtype):
+    for method in ("unilora", "lora"):
+        model = Tiny()
+        adapter = apply_unilora(model, 64, init_bound=0.3) if method == "unilora" else apply_lora(model, r=2)
+        model(torch.randn(4, 5)).square().sum().backward()
+        params = adapter.parameters()
+        values, grads = [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+        cast(model)
+        for p, value, grad in zip(params, values, grads):
+            assert p.dtype == p.grad.dtype == dtype
+            assert torch.equal(p.detach().double(), value.double()) and torch.equal(p.grad.double(), grad.double())
+            p.grad = None
+        out = model(torch.randn(4, 5, dtype=model.inp.base.weight.dtype))
+        assert out.dtype == model.inp.base.weight.dtype != dtype or dtype == torch.float64
+        out.float().square().sum().backward()
+        assert all(p.grad.dtype == dtype and p.grad.abs().sum() > 0 for p in params[-1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_inside_autocast_is_computed_in_fp32_or_better(dtype):
+    model = Tiny(dtype=dtype)
+    adapter = apply_unilora(model, 64, init_bound=0.5)
+    W = {name: model.get_submodule(name).base.weight.detach().double().clone() for name in adapter.layer_names}
+    dW = dense_dW(adapter)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = adapter.merge()
+    for name in adapter.layer_names:
+        weight = merged.get_submodule(name).weight
+        assert weight.dtype == dtype  # an fp64 base stays fp64
+        error = (weight.double() - (W[name] + dW[name])).abs().max()
+        assert error <= (1e-6 if dtype == torch.float32 else 1e-14)  # bf16 would be about 1e-3
+
+
+def test_the_handle_after_merge_says_it_was_merged(tmp_path):
+    model = Tiny()
+    adapter = apply_unilora(model, 40)
+    adapter.save(str(tmp_path / "a.pt"))
+    adapter.merge()
+    calls = [adapter.merge, adapter.counts, adapter.parameters, adapter.lora_state_dict, adapter.project,
+             lambda: adapter.theta_d, lambda: adapter.save(str(tmp_path / "b.pt")),
+             lambda: adapter.load(str(tmp_path / "a.pt"))]
+    apply_unilora(model, 40)  # a new adapter at the same names does not revive the old handle
+    for call in calls:
+        with pytest.raises(RuntimeError, match="it was merged"):
+            call()
+    lora = apply_lora(Tiny())
+    merge_adapters(lora.root)
+    with pytest.raises(RuntimeError, match="it was merged"):
+        lora.parameters()
+
+
+# ---------------------------------------------------------------- all or nothing, clear loader errors (issue 8)
+
+
+def test_a_failed_apply_leaves_the_model_as_it_was():
+    def wrong_length(sizes, d, seed, signs):
+        return unilora.IndexProjection(torch.zeros(sum(sizes) - 1, dtype=torch.int32), d)
+
+    def broken(sizes, d, seed, signs):
+        raise RuntimeError("broken factory")
+
+    cases = [(lambda m: apply_unilora(m, 10, targets=("query", "valu")), ValueError, "matches nothing"),
+             (lambda m: apply_unilora(m, 0), ValueError, "d=0"),
+             (lambda m: apply_unilora(m, 10 ** 6), ValueError, "must lie in"),
+             (lambda m: apply_unilora(m, 10, keep_trainable=("classifier", "head")), ValueError, "'head'"),
+             (lambda m: apply_unilora(m, 10, projection=wrong_length), ValueError, "projection returned"),
+             (lambda m: apply_unilora(m, 10, projection=broken), RuntimeError, "broken factory"),
+             (lambda m: apply_lora(m, targets="nothing"), ValueError, "match no nn.Linear"),
+             (lambda m: apply_lora(m, keep_trainable=("head",)), ValueError, "'head'")]
+    for apply, error, message in cases:
+        model = Tiny()
+        model.classifier.requires_grad_(False)
+        before = snapshot(model)
+        with pytest.raises(error, match=message):
+            apply(model)
+        assert_unchanged(model, before)
+
+
+def damaged_files(tmp_path):
+    """{file name: (bytes or a payload to torch.save, what the error must say)} from a good Uni-LoRA file."""
+    good = tmp_path / "good.pt"
+    apply_unilora(Tiny(), 40, seed=1, keep_trainable=("classifier",)).save(str(good))
+    payload = torch.load(good, weights_only=True)
+    config = __import__("json").loads(payload["config"])
+
+    def with_config(**changes):
+        return dict(payload, config=__import__("json").dumps({k: v for k, v in {**config, **changes}.items()
+                                                              if v is not None}))
+    lora = tmp_path / "lora-source.pt"
+    apply_lora(Tiny()).save(str(lora))
+    wide = tmp_path / "wide-source.pt"
+    apply_unilora(Tiny(width=16), 40, seed=1).save(str(wide))
+    return good, {
+        "empty.pt": (b"", "not a readable adapter file"),
+        "truncated.pt": (good.read_bytes()[:300], "not a readable adapter file"),
+        "text.pt": (b"hello", "not a readable adapter file"),
+        "pickled-object.pt": (__import__("pickle").dumps(nn.Linear(2, 2), protocol=2), "not a readable adapter file"),
+        "lora.pt": (lora.read_bytes(), "holds a 'lora-adapter/1' adapter"),
+        "wide.pt": (wide.read_bytes(), "does not fit this model"),
+        "theta-shape-1.pt": (dict(payload, theta_d=torch.zeros(1)), "theta_d is torch.Size\\(\\[1\\]\\)"),
+        "no-theta.pt": ({"config": payload["config"]}, "theta_d is None"),
+        "no-seed.pt": (with_config(seed=None), "lacks 'seed'"),
+        "d-as-text.pt": (with_config(d="40"), "config 'd' is '40'"),
+        "bad-layers.pt": (with_config(layers=[["inp", 5]]), "not \\[name, in_features, out_features\\]"),
+        "not-json.pt": (dict(payload, config="{"), "not a JSON object"),
+        "head-shape.pt": (dict(payload, trained={**payload["trained"], "classifier.weight": torch.zeros(2, 2)}),
+                          "'classifier.weight' has shape \\(2, 2\\)"),
+        "head-missing.pt": (dict(payload, trained={"classifier.bias": payload["trained"]["classifier.bias"]}),
+                            "lacks \\['classifier.weight'\\]"),
+        "extra-tensor.pt": (dict(payload, trained={**payload["trained"], "ghost.weight": torch.zeros(2)}),
+                            "ghost.weight"),
+        "other-kind.pt": (with_config(projection={"kind": "fastfood"}), "'fastfood' projection"),
+        "projection-as-text.pt": (with_config(projection="balanced"), "config 'projection' is 'balanced'"),
+        "keep-as-number.pt": (with_config(keep_trainable=[3]), "'keep_trainable' or 'projection' is damaged"),
+        "huge-seed.pt": (with_config(seed=2 ** 70), "does not fit this model"),
+        "other-fingerprint.pt": (with_config(fingerprint="0" * 16), "random number generator changed"),
+    }
+
+
+def test_a_failed_load_names_the_file_and_leaves_the_model_as_it_was(tmp_path):
+    good, cases = damaged_files(tmp_path)
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        model = Tiny()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"{__import__('re').escape(str(path))}.*{message}"):
+            load_unilora(model, str(path))
+        assert_unchanged(model, before)
+        adapter = apply_unilora(model, 40, seed=1, keep_trainable=("classifier",))
+        theta = adapter.theta_d.detach().clone()
+        if name != "wide.pt":  # a handle of another shape gives its own message
+            with pytest.raises(ValueError, match=__import__("re").escape(str(path))):
+                adapter.load(str(path))
+            assert torch.equal(adapter.theta_d, theta)
+        adapter.merge()
+        fresh = Tiny()
+        load_unilora(fresh, str(good))  # the retry with the right file works
+    assert len(cases) == 20
+
+
+# ---------------------------------------------------------------- the projection extension point (issue 13)
+
+
+def test_a_custom_projection_is_used_saved_and_must_be_passed_again(tmp_path):
+    seen = []
+
+    def rolled(sizes, d, seed, signs):
+        seen.append(list(sizes))
+        return unilora.IndexProjection(make_projection(sum(sizes), d, seed, signs).roll(3), d, normalize=False,
+                                       kind="rolled")
+    model = Tiny(dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    adapter = apply_unilora(model, 40, projection=rolled, init_bound=0.3)
+    assert seen == [[s for _, n_in, n_out in adapter.config["layers"] for s in (4 * n_in, n_out * 4)]]
+    assert adapter.config["projection"] == {"kind": "rolled", "normalize": False}
+    column, sign = columns_and_signs(adapter.config)
+    expected = (sign * adapter.theta_d.detach()[column]).roll(3)  # signed, unscaled, rows rolled by hand
+    assert torch.equal(adapter.project().detach(), expected)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    path = str(tmp_path / "a.pt")
+    adapter.save(path)
+    before = snapshot(reference)
+    with pytest.raises(ValueError, match="'rolled' projection: pass the same factory again"):
+        load_unilora(reference, path)
+    with pytest.raises(ValueError, match="projection differs"):
+        load_unilora(reference, path, projection=lambda *a: unilora.IndexProjection(
+            make_projection(sum(a[0]), *a[1:]).roll(3), a[1], kind="rolled"))
+    assert_unchanged(reference, before)
+    load_unilora(reference, path, projection=rolled)
+    assert torch.equal(reference(x), model(x))
+
+
+# ---------------------------------------------------------------- the README's examples run
+
+
+def test_readme_using_it_on_your_model_examples_run():
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    section = text.split("## Using it on your model", 1)[1].split("\n## ", 1)[0]
+    blocks = __import__("re").findall(r"```python\n(.*?)```", section, __import__("re").S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md, 'Using it on your model', example {i + 1}", "exec"), {})
 
 
 # ---------------------------------------------------------------- CUDA (run wherever a GPU exists)

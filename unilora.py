@@ -27,22 +27,41 @@ Since P has one nonzero per row, its columns have disjoint supports and unit nor
 exact isometry, ||P x|| = ||x||. Gradients flow back through P^T: one SGD step with rate lr moves every LoRA
 entry i of group j = {i : idx_i = j} by -lr s_i mean_{k in j}(s_k g_k), g the gradient with respect to theta_D.
 
-P is never materialised. Write P = S Lambda with Lambda = diag(1/sqrt(n_j)), which has a closed form (the
-balanced assignment uses columns j < D mod d once more than the others), and S the D x d matrix of signs.
-The sign is folded into the index: row i reads entry idx_i + d [s_i = -1] of the doubled vector [u; -u], so
-P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d], and P^T g is one scatter-add (index_add) into
-2d slots, then Lambda (first half minus second half). The whole of P costs one int32 per LoRA entry.
+P is never materialised. Write P = S Lambda with Lambda = diag(1/sqrt(n_j)) (n_j counted from idx) and S the
+D x d matrix of signs. The sign is folded into the index: row i reads entry idx_i + d [s_i = -1] of the doubled
+vector [u; -u], so P theta_d is ONE gather from [Lambda theta_d; -Lambda theta_d] (itself one multiply of
+theta_d by the 2 x d table [Lambda; -Lambda]), and P^T g is one scatter-add (index_add) into 2d slots, then
+Lambda (first half minus second half). P costs one int32 per LoRA entry.
+
+One projection per forward pass. Every adapted layer holds the same `SharedVector` (theta_d, P, the layers'
+shapes). The first layer that runs computes theta_D = P theta_d (the gather above), splits it once into
+(A_1, B_1, A_2, B_2, ...) and caches these views; every other layer takes its own (A_l, B_l) from the cache.
+The backward therefore gathers the layers' gradients back into one vector of D numbers and runs one scatter-add,
+whatever the number of layers.
+theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
+no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
+inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
+moving the version counter; call `adapter.refresh()` after those. Under torch.compile the projection runs outside
+the compiled graph (a graph break), still once per pass.
 
 theta_d starts at U(-0.02, 0.02), not at zero: B A is quadratic in theta_d, so theta_d = 0 is a saddle
 point with an exactly zero gradient. There is no alpha/r scaling (dW = B A), as in the official code.
 Dropout, if any, is applied to x before A. After training, dW = B A is merged into W: zero inference cost.
-The adapter file is theta_d plus the seed and the config that regenerate P: "one vector".
 
-The file reads in that order: the projection, the layer, target selection, the adapter (save, load, merge,
+Numerics: theta_d and its gradient stay fp32 whatever the model is cast to (fp64 next to an fp64 model). The
+low-rank path x A^T B^T runs in the activations' dtype, like the base layer's own matmul it is added to: a bf16
+model stays bf16 end to end, with no fp32 copy of the activations. `layer.weight` and merge() compute W + B A
+in at least fp32 with autocast off, rounded once to W's dtype.
+
+The adapter file is theta_d plus the seed and the config that regenerate P ("one vector"), plus whatever else
+was trained (the `keep_trainable` modules, e.g. a classification head).
+
+The file reads in that order: the projection, the layers, target selection, the adapter (save, load, merge,
 export, counts), `apply_unilora`, and last a plain LoRA baseline for side-by-side comparisons.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -55,6 +74,7 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 FILE_FORMAT = "unilora-adapter/1"
 DEFAULT_EXCLUDED = ("lm_head", "classifier", "score")  # output heads are trained fully or left alone, never adapted
@@ -72,10 +92,7 @@ def make_projection(D: int, d: int, seed: int = 0, signs: bool = True) -> torch.
     n_j = floor(D/d) + (j < D mod d) times: the columns are `arange(D) % d`, shuffled. A CPU generator makes P
     identical on every device; the draws are, in order: the shuffle, then the signs.
     """
-    if not 1 <= d <= D:
-        raise ValueError(f"d={d} must lie in [1, D] with D={D} (the total LoRA size r*(in+out) summed over the "
-                         f"targeted layers). Pick d well below D, e.g. D/6 as in the paper's GLUE recipe "
-                         f"(d = 23,040 of D = 147,456), or target more layers / raise r.")
+    _check_d(D, d)
     generator = torch.Generator().manual_seed(seed)
     idx = (torch.arange(D) % d)[torch.randperm(D, generator=generator)]
     if signs:
@@ -83,91 +100,232 @@ def make_projection(D: int, d: int, seed: int = 0, signs: bool = True) -> torch.
     return idx.to(torch.int32)
 
 
-def scale_columns(theta_d: torch.Tensor, D: int) -> torch.Tensor:
-    """Lambda theta_d, Lambda = diag(1/sqrt(n_j)); n_j = ceil(D/d) for j < D mod d, floor(D/d) after."""
-    q, rem = divmod(D, theta_d.numel())
-    return torch.cat([theta_d[:rem] / math.sqrt(q + 1), theta_d[rem:] / math.sqrt(q)])
+def _check_d(D: int, d: int) -> None:
+    if not 1 <= d <= D:
+        raise ValueError(f"d={d} must lie in [1, D] with D={D} (the total LoRA size r*(in+out) summed over the "
+                         f"targeted layers). Pick d well below D, e.g. D/6 as in the paper's GLUE recipe "
+                         f"(d = 23,040 of D = 147,456), or target more layers / raise r.")
 
 
-def fingerprint(idx: torch.Tensor) -> str:
-    """A short hash of P, saved with theta_d, so that a P regenerated by a different RNG is caught at load."""
-    idx = idx.detach().cpu().contiguous()
-    return hashlib.sha256(ctypes.string_at(idx.data_ptr(), idx.numel() * idx.element_size())).hexdigest()[:16]
-
-
-class Project(torch.autograd.Function):
-    """theta_D rows = P theta_d (a gather); the backward is P^T g (a scatter-add). P is its signed index."""
+class _Gather(torch.autograd.Function):
+    """theta_D = one gather from [Lambda theta_d; -Lambda theta_d]; backward P^T g = one scatter-add into 2d slots."""
 
     @staticmethod
-    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, D: int) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        ctx.D, ctx.d = D, theta_d.numel()
-        u = scale_columns(theta_d, D)
-        return torch.cat([u, -u]).index_select(0, idx)
+    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # Plain attributes, not save_for_backward: nothing is freed by a backward, so the cached theta_D can be
+        # backpropagated again (gradient accumulation, two losses of one forward).
+        ctx.idx, ctx.scale = idx, scale
+        return (theta_d * scale).view(-1).index_select(0, idx)  # scale = [Lambda; -Lambda], 2 x d
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        slots = grad.new_zeros(2 * ctx.d).index_add_(0, idx, grad)
-        return scale_columns(slots[:ctx.d] - slots[ctx.d:], ctx.D), None, None
+        slots = grad.new_zeros(ctx.scale.numel()).index_add_(0, ctx.idx, grad)
+        return (slots.view_as(ctx.scale) * ctx.scale).sum(0), None, None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The layer
-# ----------------------------------------------------------------------------------------------------------
-
-class UniLoRALinear(nn.Module):
-    """base(x) + dropout(x) A^T B^T, where (A, B) are this layer's rows of theta_D = P theta_d.
-
-    Every layer registers the same theta_d Parameter (as tied embeddings share one weight), so model.to(),
-    model.parameters() and optimizers see it once. Each layer owns its own rows of P: `idx`.
+class IndexProjection(nn.Module):
+    """P with one nonzero per row, given as its signed index idx (int [D], values in [0, 2d)): row i reads column
+    idx_i mod d, negated iff idx_i >= d, scaled by Lambda_j = 1/sqrt(n_j), n_j the number of rows using column j
+    (0 for a column no row uses), or Lambda = I with normalize=False. forward(theta_d) -> theta_D.
     """
 
-    def __init__(self, base: nn.Linear, theta_d: nn.Parameter, D: int, idx: torch.Tensor, dropout: float = 0.0):
+    def __init__(self, idx: torch.Tensor, d: int, normalize: bool = True, kind: str = "balanced"):
         super().__init__()
-        self.base, self.theta_d, self.D = base, theta_d, D
-        self.r = idx.numel() // (base.in_features + base.out_features)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if idx.dim() != 1 or idx.is_floating_point() or not 0 <= int(idx.min()) <= int(idx.max()) < 2 * d:
+            raise ValueError(f"idx must be a 1-D integer tensor with values in [0, 2d) = [0, {2 * d})")
+        self.d, self.normalize, self.kind = d, normalize, kind
+        counts = torch.bincount(idx.long() % d, minlength=d)
+        # Non-persistent: the seed regenerates P, a model's state_dict never carries it. Counts, not Lambda, are
+        # kept so that no float buffer is ever cast by model.to(dtype); Lambda is made in theta_d's dtype.
+        self.register_buffer("idx", idx.to(torch.int32), persistent=False)
+        self.register_buffer("counts", counts.to(torch.int32), persistent=False)
+        self._scale = None
+
+    def signed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """[Lambda; -Lambda] (2 x d) in `dtype`, made once per dtype and device."""
+        if self._scale is None or self._scale.dtype != dtype or self._scale.device != self.counts.device:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, even if first made for inference
+                lam = self.counts.to(dtype).rsqrt().nan_to_num(posinf=0.0) if self.normalize else \
+                    torch.ones(self.d, dtype=dtype, device=self.counts.device)
+                self._scale = torch.stack([lam, -lam])
+        return self._scale
+
+    def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
+        return _Gather.apply(theta_d, self.idx, self.signed_scale(theta_d.dtype))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "normalize": self.normalize}
+
+    def fingerprint(self) -> str:
+        """A short hash of P, saved with theta_d, so that a P regenerated by a different RNG is caught at load."""
+        idx = self.idx.detach().cpu().contiguous()
+        data = ctypes.string_at(idx.data_ptr(), idx.numel() * idx.element_size())
+        return hashlib.sha256(data + (b"" if self.normalize else b"nonorm")).hexdigest()[:16]
+
+
+def balanced_projection(sizes: list[int], d: int, seed: int, signs: bool) -> IndexProjection:
+    """The paper's P and the default `projection` factory: one balanced, seeded, global index over all of D."""
+    return IndexProjection(make_projection(sum(sizes), d, seed, signs), d)
+
+
+class SharedVector(nn.Module):
+    """theta_d (the only trainable tensor), its projection P, and theta_D = P theta_d cached for the current pass.
+
+    shapes: [(r, in_1), (out_1, r), (r, in_2), ...], the shapes of A_1, B_1, A_2, ... in theta_D's order.
+    """
+
+    def __init__(self, theta_d: nn.Parameter, projection: nn.Module, shapes: list[tuple[int, int]]):
+        super().__init__()
+        self.theta_d, self.projection, self.shapes = theta_d, projection, shapes
+        self.sizes = [rows * cols for rows, cols in shapes]
+        # Transformer layers repeat one block of shapes (q, k, v, o, ...): the length of that block, or all shapes.
+        self.period = next(p for p in range(1, len(shapes) + 1)
+                           if len(shapes) % p == 0 and shapes == shapes[:p] * (len(shapes) // p))
+        self._cache = {}  # (grad mode, inference mode) -> (state of theta_d, [(A_l, B_l)])
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (A, B): views of one theta_D, recomputed only when theta_d or the grad mode changed."""
+        if torch.compiler.is_compiling():  # a traced graph would freeze the cache: compute it outside the graph
+            from torch import _dynamo  # loaded already when compiling; importing it at start-up costs seconds
+            return _dynamo.disable(self._factors)()
+        return self._factors()
+
+    def _factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        theta = self.theta_d
+        mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
+        cached = self._cache.get(mode)
+        if cached is None or cached[0] != state:
+            pieces = self._split(self.projection(theta))
+            cached = self._cache[mode] = (state, list(zip(pieces[0::2], pieces[1::2])))
+        return cached[1]
+
+    def _split(self, theta_D: torch.Tensor) -> list[torch.Tensor]:
+        """[A_1, B_1, A_2, ...] as views of theta_D. Seen as (blocks, block size), theta_D splits ONCE by column
+        into one (blocks, rows, cols) tensor per position in the block, which unbinds into that position's matrix
+        of every block. The backward stacks each position's gradients and concatenates them: a number of autograd
+        nodes and kernels set by the block, not by the number of layers (per-matrix views would cost one node each)."""
+        p, blocks = self.period, len(self.shapes) // self.period
+        columns = theta_D.reshape(blocks, -1).split(self.sizes[:p], dim=1)
+        by_position = [c.view(blocks, *shape).unbind(0) for c, shape in zip(columns, self.shapes)]
+        return [by_position[j][i] for i in range(blocks) for j in range(p)]
+
+    def refresh(self) -> None:
+        self._cache.clear()
+
+    def __getstate__(self):  # deepcopy and pickle: cached tensors carry an autograd graph, never copy them
+        return dict(self.__dict__, _cache={})
+
+    def _apply(self, fn, recurse=True):
+        device = _follow_in_fp32([self.theta_d], fn)
+        self.projection._apply(lambda t: t.to(device))  # P moves with the model, but is never cast
+        self._cache.clear()
+        return self
+
+
+# Fused optimizers (AdamW(fused=True), ...) write parameters without moving their version counter: count every
+# torch.optim step, so that a step always invalidates theta_D.
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def _follow_in_fp32(params: list[nn.Parameter], fn) -> torch.device:
+    """Move params (and their grads) to the device fn sends the model to, in fp32 or wider (fp64 with an fp64
+    model): optimizer state and updates of a few trained numbers must not be rounded through 16 bits."""
+    probe = fn(torch.empty(0, dtype=params[0].dtype, device=params[0].device))
+    dtype = torch.promote_types(torch.float32, probe.dtype) if probe.is_floating_point() else params[0].dtype
+    for p in params:
+        p.data = p.data.to(probe.device, dtype)
+        if p.grad is not None:
+            p.grad = p.grad.to(probe.device, dtype)
+    return probe.device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layers
+# ----------------------------------------------------------------------------------------------------------
+
+class AdaptedLinear(nn.Module):
+    """base(x) + dropout(x) A^T B^T, and `weight` / `bias` like the nn.Linear it replaces, for code that reads
+    them instead of calling forward (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer's fast path).
+    Subclasses give lora_factors() -> (A, B)."""
+
+    def __init__(self, base: nn.Linear, dropout: float):
+        super().__init__()
+        self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Non-persistent: model.state_dict() must not carry what the seed regenerates.
-        self.register_buffer("idx", idx.to(base.weight.device), persistent=False)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = (t.to(x.device, x.dtype) for t in self.lora_factors())
+        return self.base(x) + F.linear(F.linear(self.dropout(x), A), B)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W + B A, differentiable, in W's dtype: computed in at least fp32 with autocast off, rounded once."""
+        W, (A, B) = self.base.weight, self.lora_factors()
+        dtype = torch.promote_types(torch.float32, W.dtype)
+        with torch.autocast(W.device.type, enabled=False):
+            return (W.to(dtype) + B.to(W.device, dtype) @ A.to(W.device, dtype)).to(W.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class UniLoRALinear(AdaptedLinear):
+    """An adapted layer whose (A, B) are its rows of theta_D = P theta_d, taken from the SharedVector."""
+
+    def __init__(self, base: nn.Linear, shared: SharedVector, index: int, dropout: float = 0.0):
+        super().__init__(base, dropout)
+        self.shared, self.index = shared, index  # the same SharedVector in every layer, like a tied weight
+        self.r = shared.shapes[2 * index][0]
+
+    @property
+    def theta_d(self) -> nn.Parameter:
+        return self.shared.theta_d
 
     @property
     def size(self) -> int:
-        return self.idx.numel()
+        return self.r * (self.in_features + self.out_features)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = Project.apply(self.theta_d, self.idx, self.D)  # this layer's rows of P theta_d
-        n_a = self.r * self.in_features
-        return flat[:n_a].view(self.r, self.in_features), flat[n_a:].view(self.out_features, self.r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_factors()
-        # theta_d stays fp32; the low-rank path runs in the activations' dtype (bf16/fp16 base models).
-        return self.base(x) + F.linear(F.linear(self.dropout(x), A.to(x.dtype)), B.to(x.dtype))
+        return self.shared.factors()[self.index]
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, {self.size} rows of P"
+        return f"r={self.r}, layer {self.index} of theta_D"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Choosing the layers
 # ----------------------------------------------------------------------------------------------------------
 
-def find_targets(model: nn.Module, targets: Targets) -> list[str]:
+def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0, keep: Sequence[str] = ()) -> list[str]:
     """Names of the nn.Linear modules selected by `targets`, in named_modules() order (the order of theta_D).
 
-    targets: None: every nn.Linear except heads (a name component in DEFAULT_EXCLUDED);
+    targets: None: every nn.Linear except heads (a name component in DEFAULT_EXCLUDED) and the modules in `keep`
+                   (trained fully, see keep_trainable);
              list/tuple of str: module-name suffixes ("query" matches "encoder.layer.0.attention.self.query");
              str: a regex that must match the whole module name; callable(name, module) -> bool.
+    A selected layer that cannot be adapted exactly (see _why_not_adaptable) is an error, never skipped.
     """
     for name, module in model.named_modules():
-        if isinstance(module, (UniLoRALinear, LoRALinear)):
+        if isinstance(module, AdaptedLinear):
             raise ValueError(f"the model already has adapter layers (e.g. '{name}'): adapters cannot be stacked. "
                              f"Call merge() on the existing adapter first, or start from a fresh model.")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    def kept(name):
+        return next((k for k in keep if _has_prefix(name, k)), None)
     if targets is None:
-        chosen = [n for n in linears if not set(n.split(".")) & set(DEFAULT_EXCLUDED)]
+        chosen = [n for n in linears if not set(n.split(".")) & set(DEFAULT_EXCLUDED) and not kept(n)]
     elif isinstance(targets, str):
         chosen = [n for n in linears if re.fullmatch(targets, n)]
     elif callable(targets):
@@ -184,11 +342,45 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
         hint = " (a string is a regex for the whole name; pass a list for suffixes)" if isinstance(targets, str) else ""
         raise ValueError(f"targets={targets!r} match no nn.Linear module{hint}. Linear layers look like: "
                          f"{_examples(linears)}")
+    for name in chosen:
+        if kept(name):
+            raise ValueError(f"'{name}' is inside keep_trainable module '{kept(name)}', which is trained fully: leave "
+                             f"it out of targets or out of keep_trainable.")
+    users = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        users[id(p)] = users.get(id(p), 0) + 1
+    for name in chosen:
+        why = _why_not_adaptable(model, name, users, dropout)
+        if why:
+            raise ValueError(f"cannot adapt '{name}': {why}. Leave it out of targets (e.g. a list of name suffixes, "
+                             f"or targets=lambda name, module: ... returning False for it).")
     return chosen
+
+
+def _why_not_adaptable(model: nn.Module, name: str, users: dict, dropout: float) -> str | None:
+    """Why W x + B A x would not be what this layer computes, or merge() could not fold B A into W; None if fine."""
+    module = model.get_submodule(name)
+    if type(module).forward is not nn.Linear.forward:
+        return (f"{type(module).__name__} replaces nn.Linear's forward (a quantized or otherwise special layer), so "
+                f"W x + B A x is not what it computes")
+    if type(module.weight) is not nn.Parameter or not module.weight.is_floating_point():
+        return (f"its weight is a {type(module.weight).__name__} of dtype {module.weight.dtype}, not a plain floating "
+                f"nn.Parameter (quantized or parametrized storage), so B A cannot be merged into it")
+    if users.get(id(module.weight), 0) > 1:
+        return "its weight is shared with another module (tied weights): merge() would change that module too"
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if dropout > 0 and isinstance(parent, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention reads out_proj.weight without calling the layer, so dropout on its input "
+                "cannot apply; use dropout=0")
+    return None
 
 
 def _has_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _examples(linears: dict) -> str:
@@ -196,20 +388,47 @@ def _examples(linears: dict) -> str:
     return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "(the model has none)"
 
 
-def _freeze_all_but(model: nn.Module, keep_trainable: Sequence[str]) -> None:
+def _resolve_keep(model: nn.Module, keep_trainable: Sequence[str]) -> list[str]:
+    """Full names of the keep_trainable modules: an entry is a module's full name, else a name suffix."""
+    if isinstance(keep_trainable, str):
+        keep_trainable = [keep_trainable]
+    names = [n for n, _ in model.named_modules() if n]
+    resolved = []
+    for entry in keep_trainable:
+        matched = [entry] if entry in names else [n for n in names if _has_suffix(n, entry)]
+        if not matched:
+            raise ValueError(f"keep_trainable entry '{entry}' matches no module of the model.")
+        resolved += [n for n in matched if n not in resolved]
+    return resolved
+
+
+def _freeze_all_but(model: nn.Module, keep: list[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    for suffix in keep_trainable:
-        matched = [m for n, m in model.named_modules() if _has_suffix(n, suffix)]
-        if not matched:
-            raise ValueError(f"keep_trainable entry '{suffix}' matches no module of the model.")
-        for m in matched:
-            m.requires_grad_(True)
+    for name in keep:
+        model.get_submodule(name).requires_grad_(True)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module):
+    """On any error inside, put back the modules and requires_grad flags the model had: a failed call changes
+    nothing (modules are replaced, never modified, so putting the old objects back restores everything)."""
+    modules = list(model.named_modules())[1:]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, module in modules:  # parents first, so each name resolves in the restored tree
+            if model.get_submodule(name) is not module:
+                _replace(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,10 +438,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 class _AdapterHandle:
     """Everything done through the adapter layers; subclasses say what is trainable and what a file holds."""
     layer_names: list[str]
+    config: dict
     _identity_keys: tuple[str, ...] = ()  # config entries that must match for a saved file to fit
 
-    def layers(self) -> list[tuple[str, nn.Module]]:
-        return [(n, self.root.get_submodule(n)) for n in self.layer_names]
+    def layers(self) -> list[tuple[str, AdaptedLinear]]:
+        found = [(n, _submodule_or_none(self.root, n)) for n in self.layer_names]
+        if getattr(self, "merged", False) or any(not isinstance(m, AdaptedLinear) for _, m in found):
+            raise RuntimeError(f"this adapter's layers are gone from the model: it was merged (merge() puts plain "
+                               f"nn.Linear layers back) or its layers were replaced. Apply a new adapter to train "
+                               f"or load again.")
+        return found
 
     def counts(self) -> dict:
         """d trainable adapter numbers, D LoRA numbers they produce (the LoRA-equivalent count), the rest."""
@@ -240,24 +465,39 @@ class _AdapterHandle:
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        """Fold dW = B A into each base weight and put plain nn.Linear modules back; returns the model."""
+        """Fold dW = B A into each base weight and put plain nn.Linear modules back; returns the model.
+        dW is computed in at least fp32 (fp64 for an fp64 base) with autocast off, whatever the context."""
         for name, layer in self.layers():
-            A, B = layer.lora_factors()
-            W = layer.base.weight
-            # Upcast: bf16 matmuls are slow on CPU, and W + dW rounded once is more accurate than rounding dW too.
-            W.copy_((W.float() + B.float() @ A.float()).to(W.dtype))
+            layer.base.weight.copy_(layer.weight)
             _replace(self.root, name, layer.base)
+        self.merged = True  # even if another adapter is applied at the same names later
         return self.root
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything trained outside the adapter, by model.state_dict() name: the keep_trainable modules' parameters
+        and persistent buffers, and any parameter the user unfroze by hand (saved and restored too, never dropped)."""
+        tensors = self._keep_tensors()
+        own = {id(p) for p in self.parameters()}
+        for name, p in self.root.named_parameters():
+            if p.requires_grad and id(p) not in own and name not in tensors:
+                tensors[name] = p
+        return tensors
+
+    def _keep_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{module}.{key}": t for module in self.config["keep_trainable"]
+                for key, t in self.root.get_submodule(module).state_dict(keep_vars=True).items()}
 
     def save(self, path: str, overwrite: bool = False) -> None:
         """Write the adapter atomically (temp file, then rename); an existing file is kept unless overwrite."""
+        payload = {"config": json.dumps(self.config), **self._tensors(),
+                   "trained": {k: t.detach().to("cpu", copy=True) for k, t in self.trained_tensors().items()}}
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(self._payload(), f)
+                torch.save(payload, f)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
@@ -266,26 +506,94 @@ class _AdapterHandle:
             os.unlink(tmp)
             raise
 
-    def _read(self, path: str) -> tuple[dict, dict]:
+    def load(self, path: str):
+        """Load a file saved from the same model and config; anything else is a ValueError saying what differs."""
         config, payload = read_adapter_file(path)
+        return self._load(path, config, payload)
+
+    def _load(self, path: str, config: dict, payload: dict):
         if config.get("format") != self.config["format"]:
             raise ValueError(f"{path} holds a '{config.get('format')}' adapter, this is '{self.config['format']}'.")
+        _check_schema(path, config, self._schema)
         for key in self._identity_keys:
-            if config.get(key) != self.config[key]:
+            if config.get(key, _DEFAULTS.get(key)) != self.config[key]:
                 raise ValueError(f"{path} does not fit this model: {key} differs "
                                  f"({_first_difference(config.get(key), self.config[key])}). Build the same model "
                                  f"with the same settings (for Uni-LoRA, load_unilora(model, path) applies the saved ones).")
-        return config, payload
+        self._check_file(path, config)
+        trained = payload.get("trained", {})
+        if not isinstance(trained, dict):
+            raise ValueError(f"{path}: 'trained' is not a dict of tensors; the file is damaged.")
+        missing = [k for k in self._keep_tensors() if k not in trained]
+        if missing:
+            raise ValueError(f"{path} lacks {missing[:3]} of the keep_trainable modules; the file is damaged.")
+        in_model = self.root.state_dict(keep_vars=True)
+        pairs = [(name, payload.get(name), t) for name, t in self._expected_tensors().items()]
+        pairs += [(name, t, in_model.get(name)) for name, t in trained.items()]
+        for name, saved, target in pairs:  # check everything before writing anything
+            if target is None:
+                raise ValueError(f"{path} holds a trained tensor '{name}' that this model does not have.")
+            if not isinstance(saved, torch.Tensor) or saved.is_floating_point() != target.is_floating_point():
+                raise ValueError(f"{path}: '{name}' is missing or not a {target.dtype} tensor; the file is damaged.")
+            if saved.shape != target.shape:
+                raise ValueError(f"{path}: '{name}' has shape {tuple(saved.shape)}, this model needs "
+                                 f"{tuple(target.shape)}.")
+        with torch.no_grad():
+            for _, saved, target in pairs:
+                target.copy_(saved)
+        return self
+
+    def _check_file(self, path: str, config: dict) -> None:
+        """What else a subclass checks once the identity keys match."""
+
+
+_DEFAULTS = {"keep_trainable": [], "projection": {"kind": "balanced", "normalize": True}}  # files before they existed
+
+
+def _submodule_or_none(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def read_adapter_file(path: str) -> tuple[dict, dict]:
     """(config, tensors) of a file written by save(); never unpickles arbitrary objects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or holding objects other than tensors
+        why = (str(e).splitlines() or ["no details"])[0][:200]
+        raise ValueError(f"{path} is not a readable adapter file ({type(e).__name__}: {why}). It is empty, truncated "
+                         f"or was not written by unilora.py.") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("config"), str):
         raise ValueError(f"{path} is not an adapter file written by unilora.py")
-    return json.loads(payload["config"]), payload
+    try:
+        config = json.loads(payload["config"])
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its config is not a JSON object; the file is damaged.")
+    return config, payload
+
+
+def _check_schema(path: str, config: dict, schema: dict) -> None:
+    """Every key of `schema` present with its type, the optional keys (_DEFAULTS) typed too: nothing read from a
+    file is used before this check."""
+    for key, kind in {**schema, **{k: type(v) for k, v in _DEFAULTS.items() if k in config}}.items():
+        if key not in config:
+            raise ValueError(f"{path}: the config lacks '{key}'; the file is damaged or from another program.")
+        value = config[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise ValueError(f"{path}: config '{key}' is {value!r}, not a {getattr(kind, '__name__', kind)}.")
+    if not all(isinstance(name, str) for name in config.get("keep_trainable", [])) or \
+            not isinstance(config.get("projection", _DEFAULTS["projection"]).get("kind"), str):
+        raise ValueError(f"{path}: config 'keep_trainable' or 'projection' is damaged.")
+    for layer in config.get("layers", ()):
+        if not (isinstance(layer, list) and len(layer) == 3 and isinstance(layer[0], str)
+                and all(isinstance(v, int) and v > 0 for v in layer[1:])):
+            raise ValueError(f"{path}: config 'layers' holds {layer!r}, not [name, in_features, out_features].")
 
 
 def _first_difference(saved, current) -> str:
@@ -303,51 +611,60 @@ def _first_difference(saved, current) -> str:
 
 class UniLoRA(_AdapterHandle):
     """The handle `apply_unilora` returns: theta_d, the config that regenerates P, save/load/merge/export/counts."""
-    _identity_keys = ("layers", "r", "d", "D", "seed", "signs")
+    _identity_keys = ("layers", "r", "d", "D", "seed", "signs", "projection", "keep_trainable")
+    _schema = {"d": int, "D": int, "r": int, "seed": int, "signs": bool, "init_bound": (int, float),
+               "dropout": (int, float), "layers": list, "fingerprint": str}
 
     def __init__(self, model: nn.Module, layer_names: list[str], config: dict):
         self.root, self.layer_names, self.config = model, layer_names, config
 
     @property
+    def shared(self) -> SharedVector:
+        return self.layers()[0][1].shared  # looked up, so model.to() is always seen
+
+    @property
     def theta_d(self) -> nn.Parameter:
-        return self.root.get_submodule(self.layer_names[0]).theta_d  # looked up, so model.to() is always seen
+        return self.shared.theta_d
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.theta_d]
 
     def project(self) -> torch.Tensor:
         """theta_D = P theta_d, every layer's (A, B) flattened in order."""
-        return torch.cat([torch.cat([A.flatten(), B.flatten()]) for A, B in
-                          (m.lora_factors() for _, m in self.layers())])
+        return self.shared.projection(self.theta_d)
 
-    def _payload(self) -> dict:
-        return {"config": json.dumps(self.config), "theta_d": self.theta_d.detach().float().cpu()}
+    def refresh(self) -> None:
+        """Forget the cached theta_D; needed only after writing theta_d through .data (invisible to autograd)."""
+        self.shared.refresh()
 
-    def load(self, path: str) -> "UniLoRA":
-        """Load theta_d saved from the same model and config; anything else is a ValueError saying what differs."""
-        config, payload = self._read(path)
+    def _tensors(self) -> dict:
+        return {"theta_d": self.theta_d.detach().cpu()}
+
+    def _expected_tensors(self) -> dict:
+        return {"theta_d": self.theta_d}
+
+    def _check_file(self, path: str, config: dict) -> None:
         if config["fingerprint"] != self.config["fingerprint"]:
             raise ValueError(f"{path}: P regenerated from seed {config['seed']} differs from the saved one "
                              f"(fingerprint {self.config['fingerprint']} != {config['fingerprint']}); the torch "
                              f"random number generator changed. Load it with the torch version that trained it.")
-        with torch.no_grad():
-            self.theta_d.copy_(payload["theta_d"])
-        return self
 
     def __repr__(self) -> str:
         c = self.config
         return (f"UniLoRA(d={c['d']}, D={c['D']}, r={c['r']}, layers={len(c['layers'])}, seed={c['seed']}, "
-                f"signs={c['signs']})")
+                f"signs={c['signs']}, projection={c['projection']['kind']})")
 
 
 def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = None, seed: int = 0,
                   signs: bool = True, init_bound: float = 0.02, dropout: float = 0.0,
-                  keep_trainable: Sequence[str] = ()) -> UniLoRA:
+                  keep_trainable: Sequence[str] = (), projection: Callable | None = None) -> UniLoRA:
     """Patch `model` in place: targeted nn.Linear -> UniLoRALinear, every base parameter frozen, one theta_d.
 
     Returns the adapter handle: give `adapter.parameters()` (just theta_d) to the optimizer, with no weight decay,
-    and use it to save, load, merge, export and count. `keep_trainable` names modules (suffixes, e.g.
-    "classifier") that stay trainable next to theta_d.
+    and use it to save, load, merge, export and count. `keep_trainable` names modules (full names or suffixes,
+    e.g. "classifier") that stay trainable next to theta_d; the adapter file holds them too. `projection` is a
+    factory (sizes, d, seed, signs) -> module mapping theta_d to theta_D (default: the paper's balanced P).
+    All or nothing: on any error the model is left exactly as it was.
     """
     if r < 1:
         raise ValueError(f"r={r} must be a positive integer (the paper uses r = 4).")
@@ -355,51 +672,82 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
         raise ValueError(f"init_bound={init_bound} must be > 0: theta_d = 0 is a saddle with an exactly zero gradient.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1).")
-    names = find_targets(model, targets)
-    _freeze_all_but(model, keep_trainable)
-    shapes = [[n, model.get_submodule(n).in_features, model.get_submodule(n).out_features] for n in names]
-    D = sum(r * (i + o) for _, i, o in shapes)
-    idx = make_projection(D, d, seed, signs)
-    first = model.get_submodule(names[0]).weight
+    keep = _resolve_keep(model, keep_trainable)
+    names = find_targets(model, targets, dropout, keep)
+    bases = [model.get_submodule(n) for n in names]
+    shapes = [shape for m in bases for shape in ((r, m.in_features), (m.out_features, r))]
+    sizes = [rows * cols for rows, cols in shapes]
+    _check_d(sum(sizes), d)
+    P = (projection or balanced_projection)(sizes, d, seed, signs)
+    device = bases[0].weight.device
     # fp32 next to a 16-bit base (optimizer state needs it), fp64 next to an fp64 base (exact tests).
-    dtype = torch.promote_types(torch.float32, first.dtype)
+    dtype = torch.promote_types(torch.float32, bases[0].weight.dtype)
     # Drawn on the CPU like P, so the same seed gives the same start everywhere; seed + 1 keeps the two streams apart.
     generator = torch.Generator().manual_seed(seed + 1)
     theta = torch.empty(d, dtype=torch.float64).uniform_(-init_bound, init_bound, generator=generator)
-    theta_d = nn.Parameter(theta.to(first.device, dtype))
-    offset = 0
-    for name, n_in, n_out in shapes:
-        rows = slice(offset, offset + r * (n_in + n_out))
-        _replace(model, name, UniLoRALinear(model.get_submodule(name), theta_d, D, idx[rows], dropout))
-        offset = rows.stop
-    config = {"format": FILE_FORMAT, "d": d, "D": D, "r": r, "seed": seed, "signs": signs,
-              "init_bound": init_bound, "dropout": dropout, "layers": shapes, "fingerprint": fingerprint(idx)}
+    shared = SharedVector(nn.Parameter(theta.to(device, dtype)), P.to(device), shapes)
+    with torch.no_grad():
+        out = shared.projection(shared.theta_d)
+    if out.shape != (sum(sizes),) or out.dtype != dtype:
+        raise ValueError(f"the projection returned {out.dtype} {tuple(out.shape)}; it must map theta_d ({dtype}, "
+                         f"length {d}) to theta_D of length D = {sum(sizes)} in the same dtype.")
+    with _all_or_nothing(model):
+        _freeze_all_but(model, keep)
+        for i, (name, base) in enumerate(zip(names, bases)):
+            _replace(model, name, UniLoRALinear(base, shared, i, dropout))
+    config = {"format": FILE_FORMAT, "d": d, "D": sum(sizes), "r": r, "seed": seed, "signs": signs,
+              "init_bound": init_bound, "dropout": dropout,
+              "layers": [[n, m.in_features, m.out_features] for n, m in zip(names, bases)],
+              "projection": {"kind": P.kind, **P.config()}, "fingerprint": P.fingerprint(), "keep_trainable": keep}
     return UniLoRA(model, names, config)
 
 
-def load_unilora(model: nn.Module, path: str, **kwargs) -> UniLoRA:
-    """Apply Uni-LoRA with the config saved in `path` (same layers, d, r, seed, signs) and load theta_d."""
-    config, _ = read_adapter_file(path)
+def load_unilora(model: nn.Module, path: str, projection: Callable | None = None) -> UniLoRA:
+    """Apply Uni-LoRA with the config saved in `path` (same layers, d, r, seed, signs, projection, trained modules)
+    and load theta_d and everything else the file holds. All or nothing: on any error the model is as before.
+    A file trained with another projection kind needs the same factory again: `projection=`."""
+    config, payload = read_adapter_file(path)
     if config.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} holds a '{config.get('format')}' adapter, not a Uni-LoRA one.")
+    _check_schema(path, config, UniLoRA._schema)
+    kind = config.get("projection", _DEFAULTS["projection"]).get("kind")
+    if kind != "balanced" and projection is None:
+        raise ValueError(f"{path} was trained with the '{kind}' projection: pass the same factory again, "
+                         f"load_unilora(model, path, projection=...).")
+    theta = payload.get("theta_d")
+    if not isinstance(theta, torch.Tensor) or theta.shape != (config["d"],):
+        raise ValueError(f"{path}: theta_d is {getattr(theta, 'shape', theta)!r}, the config says d = {config['d']}.")
     names = {layer[0] for layer in config["layers"]}
-    adapter = apply_unilora(model, config["d"], r=config["r"], targets=lambda n, m: n in names, seed=config["seed"],
-                            signs=config["signs"], init_bound=config["init_bound"], dropout=config["dropout"], **kwargs)
-    return adapter.load(path)
+    with _all_or_nothing(model):
+        try:
+            adapter = apply_unilora(model, config["d"], r=config["r"], targets=lambda n, m: n in names,
+                                    seed=config["seed"], signs=config["signs"], init_bound=config["init_bound"],
+                                    dropout=config["dropout"], keep_trainable=config.get("keep_trainable", []),
+                                    projection=projection)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. a seed torch cannot take
+            raise ValueError(f"{path} does not fit this model: {e}") from None
+        by_hand = [n for n in payload.get("trained", {})
+                   if not any(_has_prefix(n, k) for k in adapter.config["keep_trainable"])]
+        params = dict(model.named_parameters())
+        if any(n not in params for n in by_hand):
+            raise ValueError(f"{path} holds tensors outside its keep_trainable modules that are not parameters "
+                             f"of this model: {[n for n in by_hand if n not in params][:3]}")
+        adapter._load(path, config, payload)
+        for name in by_hand:  # parameters the user had unfrozen by hand: trainable again, as when saved
+            params[name].requires_grad_(True)
+    return adapter
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Baseline: plain LoRA (in the unified view, P = I and d = D), for fair side-by-side comparisons
 # ----------------------------------------------------------------------------------------------------------
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdaptedLinear):
     """base(x) + (alpha/r) dropout(x) A^T B^T with A Kaiming-uniform and B = 0 (Hu et al., 2021)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base, self.r, self.scaling = base, r, alpha / r
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        super().__init__(base, dropout)
+        self.r, self.scaling = r, alpha / r
         dtype = torch.promote_types(torch.float32, base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=base.weight.device))
@@ -412,34 +760,33 @@ class LoRALinear(nn.Module):
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return self.base(x) + F.linear(F.linear(self.dropout(x), A), B) * self.scaling
+    def _apply(self, fn, recurse=True):
+        for child in self.children():
+            child._apply(fn)
+        _follow_in_fp32([self.lora_A, self.lora_B], fn)  # like theta_d: A and B stay fp32 in a 16-bit model
+        return self
 
 
 class LoRA(_AdapterHandle):
     """The handle `apply_lora` returns: the same save/load/merge/export/count API as UniLoRA."""
-    _identity_keys = ("layers", "r", "alpha")
+    _identity_keys = ("layers", "r", "alpha", "keep_trainable")
+    _schema = {"r": int, "alpha": (int, float), "layers": list}
 
-    def __init__(self, model: nn.Module, layer_names: list[str], r: int, alpha: float, dropout: float):
+    def __init__(self, model: nn.Module, layer_names: list[str], r: int, alpha: float, dropout: float,
+                 keep_trainable: list[str] = ()):
         self.root, self.layer_names = model, layer_names
         shapes = [[n, m.in_features, m.out_features] for n, m in self.layers()]
-        self.config = {"format": "lora-adapter/1", "r": r, "alpha": alpha, "dropout": dropout, "layers": shapes}
+        self.config = {"format": "lora-adapter/1", "r": r, "alpha": alpha, "dropout": dropout, "layers": shapes,
+                       "keep_trainable": list(keep_trainable)}
 
     def parameters(self) -> Iterable[nn.Parameter]:
         return [p for _, m in self.layers() for p in (m.lora_A, m.lora_B)]
 
-    def _payload(self) -> dict:
-        tensors = {f"{n}.{k}": getattr(m, k).detach().cpu() for n, m in self.layers() for k in ("lora_A", "lora_B")}
-        return {"config": json.dumps(self.config), **tensors}
+    def _tensors(self) -> dict:
+        return {k: t.detach().cpu() for k, t in self._expected_tensors().items()}
 
-    def load(self, path: str) -> "LoRA":
-        _, payload = self._read(path)
-        with torch.no_grad():
-            for n, m in self.layers():
-                m.lora_A.copy_(payload[f"{n}.lora_A"])
-                m.lora_B.copy_(payload[f"{n}.lora_B"])
-        return self
+    def _expected_tensors(self) -> dict:
+        return {f"{n}.{k}": getattr(m, k) for n, m in self.layers() for k in ("lora_A", "lora_B")}
 
 
 def apply_lora(model: nn.Module, *, r: int = 4, alpha: float | None = None, targets: Targets = None,
@@ -447,16 +794,20 @@ def apply_lora(model: nn.Module, *, r: int = 4, alpha: float | None = None, targ
     """Patch `model` with plain LoRA on the same targets as apply_unilora would use; alpha defaults to r."""
     if r < 1:
         raise ValueError(f"r={r} must be a positive integer.")
-    names = find_targets(model, targets)
-    _freeze_all_but(model, keep_trainable)
-    for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, float(alpha or r), dropout))
-    return LoRA(model, names, r, float(alpha or r), dropout)
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout} must lie in [0, 1).")
+    keep = _resolve_keep(model, keep_trainable)
+    names = find_targets(model, targets, dropout, keep)
+    with _all_or_nothing(model):
+        _freeze_all_but(model, keep)
+        for name in names:
+            _replace(model, name, LoRALinear(model.get_submodule(name), r, float(alpha or r), dropout))
+        return LoRA(model, names, r, float(alpha or r), dropout, keep)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge whatever adapter layers the model has (Uni-LoRA or LoRA) into plain nn.Linear modules."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (UniLoRALinear, LoRALinear))]
+    names = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
     if not names:
         raise ValueError("the model has no adapter layers to merge.")
     handle = _AdapterHandle()
