@@ -139,7 +139,8 @@ def _apportion(weights: list[int], total: int) -> list[int]:
 
 def _index_kind(index: Callable, kind: str) -> Callable:
     def factory(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> nn.Module:
-        return as_module(*index(sizes, d, seed, signs), d, kind)
+        idx, normalize = index(sizes, d, seed, signs)
+        return as_module(idx, d, normalize, kind)
     factory.__name__ = kind
     return factory
 
