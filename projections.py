@@ -55,7 +55,7 @@ def iid_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tu
 
 def local_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tuple[torch.Tensor, bool]:
     """Layer l draws only on its own contiguous range of columns, its width proportional to the layer's size."""
-    D = _total(sizes, d)
+    _total(sizes, d)
     layer_sizes = [a + b for a, b in zip(sizes[0::2], sizes[1::2])]
     if d < len(layer_sizes):
         raise ValueError(f"local projection: d={d} is below the number of adapted layers ({len(layer_sizes)}); "
