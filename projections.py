@@ -207,7 +207,7 @@ class Fastfood(nn.Module):
 
 
 class Gaussian(nn.Module):
-    """theta_D = G theta_d with G dense, entries i.i.d. N(0, 1/D), so that E[G^T G] = I_d. O(D d) time and memory."""
+    """theta_D = M theta_d, M dense with i.i.d. N(0, 1/D) entries, so that E[M^T M] = I_d. O(D d) time and memory."""
     kind = "gaussian"
 
     def __init__(self, sizes: list[int], d: int, seed: int = 0, signs: bool = True):
