@@ -27,6 +27,7 @@ backward); fastfood and gaussian are modules of their own, their random state re
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 from typing import Callable
@@ -239,7 +240,12 @@ def _signed_by_construction(kind: str, signs: bool) -> None:
 
 
 def _digest(*tensors: torch.Tensor) -> str:
-    return hashlib.sha256("".join(unilora.fingerprint(t) for t in tensors).encode()).hexdigest()[:16]
+    """A short hash of the random state that defines P, saved with theta_d to catch a different RNG at load."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+    return digest.hexdigest()[:16]
 
 
 # kind -> factory(sizes, d, seed, signs) for apply_unilora(..., projection=...); None is unilora's own default.
