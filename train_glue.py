@@ -70,6 +70,7 @@ from tqdm import tqdm
 from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, download, fraction,
                         load_config, load_safetensors, new_eval_dir, nonnegative_float, nonnegative_int, pad,
                         positive_float, positive_int, prepare_output_dir, resolve, save_safetensors, write_json)
+from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 
 # -----------------------------------------------------------------------------
@@ -116,13 +117,15 @@ MAX_LENGTH = {"base": 512, "large": 128}
 LORA_LR = 4e-4
 # Defaults of every other setting (None: off / all). Flags default to None so that "not given" is known:
 # --eval_only keeps the run's own value for those, and the table tells recipe values from chosen ones.
-DEFAULTS = dict(model="FacebookAI/roberta-base", method="unilora", d=23040, r=4, signs=True, alpha=None,
+DEFAULTS = dict(model="FacebookAI/roberta-base", method="unilora", d=23040, r=4, signs=True, projection="balanced",
+                alpha=None,
                 targets="query,value", weight_decay=0.1, max_steps=None, batch_size=32, grad_accum=1,
                 eval_batch_size=64, warmup_ratio=0.06, grad_clip=1.0, max_train_samples=None,
                 max_eval_samples=None, seed=1, bf16=False, device=None, threads=None, data_dir=None, cache_dir=None)
 RECIPE_KEYS = ("head_lr", "lr", "epochs", "max_length")
 # Settings that apply to one method only; giving them to another is an error, not silently ignored.
-METHOD_KEYS = {"d": ("unilora",), "signs": ("unilora",), "alpha": ("lora",), "r": ("unilora", "lora"),
+METHOD_KEYS = {"d": ("unilora",), "signs": ("unilora",), "projection": ("unilora",), "alpha": ("lora",),
+               "r": ("unilora", "lora"),
                "lr": ("unilora", "lora"), "targets": ("unilora", "lora")}
 # What --eval_only may change about the saved run; everything else comes from it.
 EVAL_KEYS = ("model", "data_dir", "cache_dir", "max_length", "max_eval_samples", "eval_batch_size", "device",
@@ -546,7 +549,8 @@ def reported(task):
 # -----------------------------------------------------------------------------
 # Settings: flags, then the recipe for this task and model size, then DEFAULTS.
 
-CONFIG_KEYS = ("task", "model", "preset", "method", "d", "r", "signs", "alpha", "targets", "lr", "head_lr",
+CONFIG_KEYS = ("task", "model", "preset", "method", "d", "r", "signs", "projection", "alpha", "targets", "lr",
+               "head_lr",
                "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "eval_batch_size",
                "warmup_ratio", "grad_clip", "max_length", "max_train_samples", "max_eval_samples", "seed", "bf16",
                "device", "threads", "data_dir", "cache_dir")
@@ -578,9 +582,6 @@ def resolve_config(args, model_config):
     """Every setting of the run, and the names of those that came from the per-task recipe."""
     cfg = {k: getattr(args, k, None) for k in CONFIG_KEYS}
     cfg["method"] = method = args.method or DEFAULTS["method"]
-    for key, methods in METHOD_KEYS.items():
-        if cfg[key] is not None and method not in methods:
-            raise UserError(f"--{key} does not apply to --method {method}")
     cfg["preset"] = preset = args.preset or size_preset(model_config)
     head_lr, theta_lr, epochs = RECIPES[preset][cfg["task"]]
     recipe = dict(head_lr=head_lr, lr=LORA_LR if method == "lora" else theta_lr, epochs=epochs,
@@ -647,11 +648,12 @@ def build_model(cfg, model_dir, load=None):
     targets = tuple(t.strip() for t in (cfg["targets"] or "").split(",") if t.strip())
     try:
         adapter = None
+        projection = PROJECTIONS[cfg.get("projection") or "balanced"]  # runs saved before --projection: balanced
         if cfg["method"] == "unilora" and load:
-            adapter = load_unilora(model, load / "adapter.pt")
+            adapter = load_unilora(model, load / "adapter.pt", projection=projection)
         elif cfg["method"] == "unilora":
             adapter = apply_unilora(model, cfg["d"], r=cfg["r"], targets=targets, seed=cfg["seed"],
-                                    signs=cfg["signs"], keep_trainable=("classifier",))
+                                    signs=cfg["signs"], keep_trainable=("classifier",), projection=projection)
         elif cfg["method"] == "lora":
             adapter = apply_lora(model, r=cfg["r"], alpha=cfg["alpha"], targets=targets,
                                  keep_trainable=("classifier",))
@@ -663,7 +665,7 @@ def build_model(cfg, model_dir, load=None):
         if load:
             model.classifier.load_state_dict(load_safetensors(load / "head.safetensors"))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        what = f"--load {load} does not fit --model {cfg['model']}" if load else "--d / --r / --targets"
+        what = f"--load {load} does not fit --model {cfg['model']}" if load else "--d / --r / --targets / --projection"
         raise UserError(f"{what}: {' '.join(str(e).split())[:300]}") from None
     return model.to(cfg["device"]), adapter
 
@@ -792,6 +794,24 @@ def save_model(folder, cfg, model, adapter):
                      folder / "head.safetensors")
 
 
+def projection_cost(adapter, repeats=20):
+    """P theta_d forward + backward, median milliseconds (once per forward pass), and the bytes P is stored in."""
+    if not hasattr(adapter, "project"):
+        return {}
+    times = []
+    for _ in range(repeats):
+        if adapter.theta_d.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        adapter.project().sum().backward()
+        if adapter.theta_d.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    adapter.theta_d.grad = None
+    stored = sum(b.numel() * b.element_size() for b in adapter.shared.projection.buffers())
+    return {"projection_ms": round(1000 * statistics.median(times), 3), "projection_bytes": stored}
+
+
 def peak_memory_mb():
     """Peak resident memory of this process (and peak CUDA memory when used), in MiB."""
     import resource  # Unix only; imported here so that the rest of the script runs anywhere
@@ -827,7 +847,7 @@ def train_run(cfg, from_recipe, data, model_dir, folder):
                         "dev_examples": {name: len(e) for name, (e, _) in dev_sets.items()}},
                "epochs": history, "best": best, "last": history[-1], "steps": len(step_times),
                "seconds_per_step_median": statistics.median(step_times), "wall_time_s": round(time.time() - t0, 2),
-               **peak_memory_mb()}
+               **peak_memory_mb(), **projection_cost(adapter)}
     write_json(folder / "results.json", results)
     metric = TASKS[cfg["task"]]["metrics"][0]
     print(f"best {metric} {best['dev'][metric]:.4f} at epoch {best['epoch']}; {len(step_times)} steps, "
@@ -893,9 +913,21 @@ def cell(runs, task):
     return " / ".join(parts) + f" ({len(runs)})"
 
 
+# What a row costs (columns shown when the runs recorded them), as medians over its runs: time per optimiser step, P theta_d forward + backward per forward
+# pass, the bytes P is stored in, and the process's peak resident memory.
+COST_COLUMNS = (("s/step", "seconds_per_step_median"), ("P ms", "projection_ms"), ("P bytes", "projection_bytes"),
+                ("peak RSS MB", "peak_rss_mb"))
+
+
+def cost(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{statistics.median(values):.4g}" if values else "-"
+
+
 def make_table(paths):
-    rows = {}  # settings -> task -> runs
-    for r in collect_runs(paths):
+    rows, runs = {}, collect_runs(paths)  # settings -> task -> runs
+    costs = [(label, key) for label, key in COST_COLUMNS if any(r.get(key) is not None for r in runs)]
+    for r in runs:
         settings = tuple(sorted((k, json.dumps(v)) for k, v in r["config"].items()
                                 if k not in NOT_SETTINGS and k not in r.get("from_recipe", ())))
         rows.setdefault(settings, {}).setdefault(r["config"]["task"], []).append(r)
@@ -903,7 +935,8 @@ def make_table(paths):
     names = sorted({k for settings in rows for k, _ in settings} - {"model", "method"})
     varying = [k for k in names if len({dict(s).get(k) for s in rows}) > 1]
     with_avg = all(t in tasks for t in PAPER_TASKS)
-    header = ["model", "method", *varying, "params", *(TASKS[t]["folder"] for t in tasks)] + ["avg"] * with_avg
+    header = ["model", "method", *varying, "params", *(TASKS[t]["folder"] for t in tasks)] + ["avg"] * with_avg + \
+        [label for label, _ in costs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     def shown(settings, key):
         value = json.loads(dict(settings).get(key, "null"))
@@ -918,14 +951,16 @@ def make_table(paths):
         means = [statistics.mean(100 * r["best"]["dev"][reported(t)[0]] for r in by_task[t])
                  for t in PAPER_TASKS if t in by_task]
         avg = [f"{statistics.mean(means):.1f}" if len(means) == len(PAPER_TASKS) else "-"] * with_avg
+        every_run = [r for runs in by_task.values() for r in runs]
         lines.append("| " + " | ".join([s["model"], METHOD_NAMES[s["method"]], *(shown(settings, k) for k in varying),
-                                        f"{any_run['trainable']['d'] / 1e6:.3g}M", *cells, *avg]) + " |")
+                                        f"{any_run['trainable']['d'] / 1e6:.3g}M", *cells, *avg,
+                                        *(cost(every_run, key) for _, key in costs)]) + " |")
         paper = PAPER.get(s["model"].lower().removeprefix("facebookai/"))
         last_of_model = i + 1 == len(order) or dict(order[i + 1])["model"] != dict(settings)["model"]
         if paper and last_of_model and any(t in paper for t in tasks):
             lines.append("| " + " | ".join([s["model"], "Uni-LoRA (paper, no signs)", *("-" for _ in varying),
                                             "0.023M", *(str(paper.get(t, "-")) for t in tasks),
-                                            *[str(paper["avg"])] * with_avg]) + " |")
+                                            *[str(paper["avg"])] * with_avg, *("-" for _ in costs)]) + " |")
     return "\n".join(lines)
 
 
@@ -965,6 +1000,8 @@ def parse_args(argv):
     p.add_argument("--r", type=positive_int, help=f"LoRA rank of both adapters (default {d['r']})")
     p.add_argument("--signs", action=argparse.BooleanOptionalAction,
                    help="Uni-LoRA: random +-1 per row of P (default on; --no-signs: as published)")
+    p.add_argument("--projection", choices=list(PROJECTIONS),
+                   help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--alpha", type=positive_float, help="LoRA: scale alpha/r (default alpha = r)")
     p.add_argument("--targets", help=f"comma-separated module-name suffixes to adapt (default {d['targets']})")
     p.add_argument("--lr", type=positive_float, help="adapter lr (default: the recipe's theta_d lr; LoRA 4e-4)")
@@ -1002,6 +1039,10 @@ def parse_args(argv):
         p.error("--task is required")
     if args.seeds and args.seed is not None:
         p.error("give --seed or --seeds, not both")
+    method = args.method or DEFAULTS["method"]
+    for key, methods in METHOD_KEYS.items():
+        if getattr(args, key) is not None and method not in methods and not args.eval_only:
+            p.error(f"--{key} does not apply to --method {method}")
     return args
 
 
