@@ -11,6 +11,7 @@ head (the classification head alone) share the data, head, optimiser, schedule a
     python train_glue.py --task cola --no-signs                   # Uni-LoRA exactly as published
     python train_glue.py --eval_only --load runs/glue-sst2-unilora      # score a saved run again (-> eval-N/)
     python train_glue.py --table runs/                            # Table 1 from any run folders
+    torchrun --standalone --nproc_per_node 8 -- train_glue.py --task sst2   # one run on 8 GPUs (same result)
 
 Where each default comes from:
   official scripts - RoBERTa-base, query and value, r = 4, d = 23,040; AdamW, theta_d lr 5e-3 with no weight
@@ -45,6 +46,12 @@ Outputs, in --output_dir (default runs/glue-<task>-<method>): run.json (every re
 peak memory), adapter.pt, head.safetensors, and best/ (run.json, adapter, head of the best epoch). With --seeds,
 one such run per seed in DIR/seed-N and DIR/summary.json. A run is built in DIR.partial and moved into place
 only when it finished: a failed or diverged run leaves nothing behind and the previous run as it was.
+
+Many GPUs. Under torchrun every copy (rank) takes its share of each global batch of --batch_size examples (the
+same seeded order everywhere), divides its loss by the whole batch's size, and one all-reduce per optimiser step
+sums the trainable gradients (theta_d or LoRA's A/B, and the head): the update of one process on the whole batch.
+Dev sets are scored in shares and gathered back in order. Rank 0 alone writes files, prints and shows progress.
+With dropout, each copy draws its own masks, so a run matches one process in distribution, not bit for bit.
 """
 
 import argparse
@@ -58,18 +65,21 @@ import statistics
 import sys
 import time
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, download, fraction,
-                        load_config, load_safetensors, new_eval_dir, nonnegative_float, nonnegative_int, pad,
-                        positive_float, positive_int, prepare_output_dir, resolve, save_safetensors, write_json)
+from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, copy_from_main, download,
+                        fraction, gather_shares, load_config, load_safetensors, my_share, new_eval_dir,
+                        nonnegative_float, nonnegative_int, pad, positive_float, positive_int, prepare_output_dir,
+                        resolve, save_safetensors, start_data_parallel, stop_data_parallel, sum_gradients,
+                        write_json)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 
@@ -184,18 +194,48 @@ def check_output_dir(folder, overwrite):
     return prepare_output_dir(folder, overwrite=overwrite)
 
 
-@contextmanager
-def staged(folder, overwrite):
-    """Yield folder.partial to write into; it replaces `folder` when the block succeeds, and vanishes if not."""
-    folder = Path(folder).absolute()
+def main_first(ranks, fn, others=True):
+    """fn() on the main copy, then (if others) on the other copies once it succeeded: they find what it downloaded
+    in the cache instead of racing it. If it fails there, the other copies exit quietly (status 1) instead of
+    waiting for it forever; the main copy prints why."""
+    error = result = None
+    if ranks.main:
+        try:
+            result = fn()
+        except BaseException as e:
+            error = e
+    if ranks.world > 1:
+        failed = [error is not None]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0] and not ranks.main:
+            raise SystemExit(1)
+    if error is not None:
+        raise error
+    return fn() if others and not ranks.main else result
+
+
+def begin_stage(folder, stage, overwrite):
+    """Check the output folder and make an empty stage beside it; returns the folders this created."""
     created = missing_dirs(folder)
     check_output_dir(folder, overwrite)
-    stage = folder.with_name(folder.name + ".partial")
     if stage.exists() and not (stage / ".unilora-partial").exists():
         raise SystemExit(f"{stage} exists and is not ours; move it away or pick another --output_dir.")
     shutil.rmtree(stage, ignore_errors=True)  # left by a killed run of this script
     stage.mkdir()
     (stage / ".unilora-partial").touch()
+    return created
+
+
+@contextmanager
+def staged(folder, overwrite, ranks):
+    """Yield folder.partial to write into; it replaces `folder` when the block succeeds, and vanishes if not.
+    Only the main copy touches the disk; the others get the same path and never write to it."""
+    folder = Path(folder).absolute()
+    stage = folder.with_name(folder.name + ".partial")
+    created = main_first(ranks, lambda: begin_stage(folder, stage, overwrite), others=False)
+    if not ranks.main:
+        yield stage
+        return
     try:
         yield stage
     except BaseException:
@@ -505,26 +545,25 @@ def autocast(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, examples, cfg, pad_id):
+def evaluate(model, examples, cfg, pad_id, ranks):
+    """Metrics and mean loss on one dev set; each copy scores its share, and every copy gets the whole set's."""
     encoded, labels = examples
     task = cfg["task"]
     regression = TASKS[task]["labels"] is None
     model.eval()
     # Length-sorted batches waste far less compute on padding; the metrics do not depend on order.
     index = sorted(range(len(encoded)), key=lambda j: len(encoded[j][0]))
-    outs, total = [], 0.0
-    for ids, mask, types, y in batches(encoded, labels, index, cfg["eval_batch_size"], pad_id, regression,
-                                       cfg["device"]):
+    rows = []
+    for ids, mask, types, _ in batches(encoded, labels, my_share(index, ranks), cfg["eval_batch_size"], pad_id,
+                                       regression, cfg["device"]):
         with autocast(cfg):
-            out = model(ids, mask, types)
-        total += loss_sum(out, y, regression).item()
-        outs.append(out.float().cpu())
+            rows += model(ids, mask, types).float().cpu().tolist()
     model.train()
-    out = torch.cat(outs)
-    pred = out.squeeze(-1).numpy() if regression else out.argmax(-1).numpy()
-    y = np.asarray([labels[j] for j in index])
-    result = {name: METRICS[name](pred, y) for name in TASKS[task]["metrics"]}
-    result["loss"] = total / len(index)
+    out = torch.tensor(gather_shares(rows, ranks))  # the outputs of all examples, in `index` order
+    y = torch.tensor([labels[j] for j in index], dtype=torch.float32 if regression else torch.long)
+    pred = out.squeeze(-1) if regression else out.argmax(-1)
+    result = {name: METRICS[name](pred.numpy(), y.numpy()) for name in TASKS[task]["metrics"]}
+    result["loss"] = loss_sum(out, y, regression).item() / len(index)
     return result
 
 
@@ -533,11 +572,12 @@ def split_suffix(task, name):
     return "" if name == TASKS[task]["dev"][0] else "_" + name.removeprefix("dev_").removesuffix(".tsv")
 
 
-def evaluate_all(model, dev_sets, cfg, pad_id):
+def evaluate_all(model, dev_sets, cfg, pad_id, ranks):
     """Metrics on every dev file of the task, in one flat dict (MNLI: accuracy, accuracy_mismatched, ...)."""
     out = {}
     for name, examples in dev_sets.items():
-        out.update({k + split_suffix(cfg["task"], name): v for k, v in evaluate(model, examples, cfg, pad_id).items()})
+        scores = evaluate(model, examples, cfg, pad_id, ranks)
+        out.update({k + split_suffix(cfg["task"], name): v for k, v in scores.items()})
     return out
 
 
@@ -578,7 +618,7 @@ def fit_max_length(cfg, model_config):
         cfg["max_length"] = limit
 
 
-def resolve_config(args, model_config):
+def resolve_config(args, model_config, ranks):
     """Every setting of the run, and the names of those that came from the per-task recipe."""
     cfg = {k: getattr(args, k, None) for k in CONFIG_KEYS}
     cfg["method"] = method = args.method or DEFAULTS["method"]
@@ -594,7 +634,7 @@ def resolve_config(args, model_config):
             cfg[key] = None  # record only what the method uses: no d for a LoRA run
     if cfg["batch_size"] % cfg["grad_accum"]:
         raise UserError(f"--batch_size {cfg['batch_size']} must be a multiple of --grad_accum {cfg['grad_accum']}")
-    cfg["device"] = pick_device(cfg["device"])
+    cfg["device"] = ranks.device  # under torchrun, cuda means this copy's GPU: cuda:LOCAL_RANK
     fit_max_length(cfg, model_config)
     return cfg, [k for k in from_recipe if method in METHOD_KEYS.get(k, (method,))]
 
@@ -670,7 +710,7 @@ def build_model(cfg, model_dir, load=None):
     return model.to(cfg["device"]), adapter
 
 
-def tokenize(data, model_dir, model_config, cfg):
+def tokenize(data, model_dir, model_config, cfg, ranks):
     """data with every text replaced by its (token ids, type ids), once for all seeds; adds the pad id."""
     try:
         tok = Tokenizer.from_pretrained(model_dir)
@@ -680,7 +720,7 @@ def tokenize(data, model_dir, model_config, cfg):
     def encode(examples):
         texts, labels = examples
         out = []
-        for t in tqdm(texts, desc="tokenize", leave=False, disable=len(texts) < 20000):
+        for t in tqdm(texts, desc="tokenize", leave=False, disable=len(texts) < 20000 or not ranks.main):
             e = tok.encode(t[0], t[1] if len(t) > 1 else None, max_length=cfg["max_length"])
             out.append((e.ids, e.type_ids))
         return out, labels
@@ -726,21 +766,35 @@ def make_optimizer(model, adapter, cfg, n_train):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total
 
 
-def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step):
-    """One optimiser step on the training examples at `index`, in micro-batches; returns its mean loss."""
+def summed(value, ranks):
+    """A number summed over the copies, the same on every copy (one process: the number itself)."""
+    if ranks.world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step, ranks):
+    """One optimiser step on the training examples at `index` (this copy: its share of them), in micro-batches of
+    at most batch_size / grad_accum examples; returns the whole batch's mean loss."""
     encoded, labels = train_set
     regression = TASKS[cfg["task"]]["labels"] is None
     micro = cfg["batch_size"] // cfg["grad_accum"]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     batch_loss = 0.0
-    for ids, mask, types, y in batches(encoded, labels, index, micro, pad_id, regression, cfg["device"]):
+    for ids, mask, types, y in batches(encoded, labels, my_share(index, ranks), micro, pad_id, regression,
+                                       cfg["device"]):
         with autocast(cfg):
             out = model(ids, mask, types)
-        loss = loss_sum(out, y, regression) / len(index)
+        loss = loss_sum(out, y, regression) / len(index)  # the whole batch's size, on every copy
         loss.backward()
         batch_loss += loss.item()
-    check_finite(batch_loss, step)  # before the update: nothing diverged is ever applied or saved
+    sum_gradients(trainable, ranks)
+    batch_loss = summed(batch_loss, ranks)
+    check_finite(batch_loss, step)  # before the update, on every copy alike: nothing diverged is applied or saved
     if cfg["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -749,16 +803,16 @@ def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step)
     return batch_loss
 
 
-def fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, cfg, pad_id, folder):
+def fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, cfg, pad_id, folder, ranks):
     """Train for total_steps, scoring the dev sets after every epoch (and at the last step) and saving the best
     epoch in folder/best. Returns (history, best, seconds of each optimiser step)."""
     metric = TASKS[cfg["task"]]["metrics"][0]
     n, batch_size = len(train_set[0]), cfg["batch_size"]
-    order_rng = torch.Generator().manual_seed(cfg["seed"])  # data order independent of dropout/init draws
+    order_rng = torch.Generator().manual_seed(cfg["seed"])  # data order: the same on every copy, apart from dropout
     history, best, step_times = [], None, []
     model.train()
     with tqdm(total=total_steps, desc=f"{cfg['task']} {cfg['method']} seed {cfg['seed']}", dynamic_ncols=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:  # closed on errors too: messages start clean
+              mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ranks.main) as bar:  # closed on errors too: messages start clean
         for epoch in range(1, math.ceil(total_steps / math.ceil(n / batch_size)) + 1):
             perm = torch.randperm(n, generator=order_rng).tolist()
             epoch_loss, seen = 0.0, 0
@@ -767,20 +821,22 @@ def fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, 
                     break
                 index = perm[b:b + batch_size]
                 t0 = time.perf_counter()
-                loss = train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, len(step_times) + 1)
+                loss = train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, len(step_times) + 1,
+                                  ranks)
                 step_times.append(time.perf_counter() - t0)
                 epoch_loss, seen = epoch_loss + loss * len(index), seen + len(index)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # the bar redraws at its own pace
 
-            dev = evaluate_all(model, dev_sets, cfg, pad_id)
+            dev = evaluate_all(model, dev_sets, cfg, pad_id, ranks)
             check_finite(dev["loss"], len(step_times))  # the last update can diverge after its own finite loss
             history.append({"epoch": epoch, "step": len(step_times), "train_loss": epoch_loss / seen, "dev": dev})
             bar.write(f"epoch {epoch} step {len(step_times)}: train loss {epoch_loss / seen:.4f}, dev "
                       + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
             if best is None or dev[metric] > best["dev"][metric]:
                 best = history[-1]
-                save_model(folder / "best", cfg, model, adapter)
+                if ranks.main:
+                    save_model(folder / "best", cfg, model, adapter)
     return history, best, step_times
 
 
@@ -822,12 +878,14 @@ def peak_memory_mb():
     return out
 
 
-def train_run(cfg, from_recipe, data, model_dir, folder):
+def train_run(cfg, from_recipe, data, model_dir, folder, ranks):
     """One run of cfg into folder: model, optimiser, train (with dev scores each epoch), save."""
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model, adapter = build_model(cfg, model_dir)
+    if ranks.rank:  # dropout: each copy its own masks (as one process draws new ones for every row); rank 0 and a
+        torch.manual_seed(1_000_003 * ranks.rank + cfg["seed"])  # single process keep the seed's stream
     train_set, dev_sets, pad_id = data["train"], data["dev"], data["pad_id"]
     counts = dict(adapter.counts()) if adapter is not None else {"d": 0, "D": 0}
     counts = {"d": counts["d"], "D": counts["D"], "head": sum(p.numel() for p in model.classifier.parameters())}
@@ -836,19 +894,23 @@ def train_run(cfg, from_recipe, data, model_dir, folder):
           f"(D {counts['D']:,}), head {counts['head']:,} trainable")
 
     optimizer, scheduler, total_steps = make_optimizer(model, adapter, cfg, len(train_set[0]))
+    copy_from_main([p for g in optimizer.param_groups for p in g["params"]], ranks)
     t0 = time.time()
     history, best, step_times = fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, cfg,
-                                    pad_id, folder)
+                                    pad_id, folder, ranks)
 
-    save_model(folder, cfg, model, adapter)
+    if ranks.main:
+        save_model(folder, cfg, model, adapter)
     results = {"config": cfg, "from_recipe": from_recipe, "trainable": counts,
                "data": {"folder": data["folder"], "glue_dev_counts": data["glue_dev_counts"],
                         "train_examples": len(train_set[0]),
                         "dev_examples": {name: len(e) for name, (e, _) in dev_sets.items()}},
                "epochs": history, "best": best, "last": history[-1], "steps": len(step_times),
+               "world_size": ranks.world,
                "seconds_per_step_median": statistics.median(step_times), "wall_time_s": round(time.time() - t0, 2),
-               **peak_memory_mb(), **projection_cost(adapter)}
-    write_json(folder / "results.json", results)
+               **peak_memory_mb(), **projection_cost(adapter)}  # of rank 0
+    if ranks.main:
+        write_json(folder / "results.json", results)
     metric = TASKS[cfg["task"]]["metrics"][0]
     print(f"best {metric} {best['dev'][metric]:.4f} at epoch {best['epoch']}; {len(step_times)} steps, "
           f"{results['seconds_per_step_median']:.3f} s/step")
@@ -1055,54 +1117,53 @@ def read_saved_run(load):
                         f"folder written by train_glue.py, or its best/") from None
 
 
-def evaluate_saved(args):
+def evaluate_saved(args, ranks):
     """--eval_only: rebuild the run in --load from its run.json (flags override), score it, write eval-N/."""
     load = Path(args.load)
     cfg = read_saved_run(load)
     if args.task and args.task != cfg["task"]:
         raise UserError(f"--task {args.task}, but {load} was trained on {cfg['task']}")
     cfg.update({k: getattr(args, k) for k in EVAL_KEYS if getattr(args, k) is not None})
-    cfg["device"] = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg["device"] = ranks.device
     dest = Path(args.output_dir or new_eval_dir(load))
     if dest.resolve() in (load.resolve(), *load.resolve().parents):  # --overwrite would replace the run itself
         raise UserError(f"--output_dir {dest} holds the run that --load reads; leave --output_dir out to write "
                         f"{new_eval_dir(load)}")
-    with staged(dest, args.overwrite) as stage:
-        model_dir, model_config = fetch_model(cfg["model"])
+    with staged(dest, args.overwrite, ranks) as stage:
+        model_dir, model_config = main_first(ranks, lambda: fetch_model(cfg["model"]))
         fit_max_length(cfg, model_config)
-        data = tokenize(load_data(cfg, train=False), model_dir, model_config, cfg)
+        data = tokenize(main_first(ranks, lambda: load_data(cfg, train=False)), model_dir, model_config, cfg, ranks)
         model, _ = build_model(cfg, model_dir, load=load)
-        dev = evaluate_all(model, data["dev"], cfg, data["pad_id"])
+        dev = evaluate_all(model, data["dev"], cfg, data["pad_id"], ranks)
         counts = {name: len(e) for name, (e, _) in data["dev"].items()}
-        write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
-                                            "data": {"folder": data["folder"], "dev_examples": counts,
-                                                     "glue_dev_counts": data["glue_dev_counts"]}})
+        if ranks.main:
+            write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
+                                                "world_size": ranks.world,
+                                                "data": {"folder": data["folder"], "dev_examples": counts,
+                                                         "glue_dev_counts": data["glue_dev_counts"]}})
     print(f"{cfg['task']} {load}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()) + " on "
           + ", ".join(f"{n} {name}" for name, n in counts.items()) + f" examples; saved to {dest}")
     return dev
 
 
-def train(args):
+def train(args, ranks):
     """The experiment: output folder, model and settings, data, then one run per seed (and their summary)."""
     out = Path(args.output_dir or f"runs/glue-{args.task}-{args.method or DEFAULTS['method']}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with staged(out, args.overwrite) as stage:
-        model_dir, model_config = fetch_model(args.model or DEFAULTS["model"])
-        cfg, from_recipe = resolve_config(args, model_config)
+    with staged(out, args.overwrite, ranks) as stage:
+        model_dir, model_config = main_first(ranks, lambda: fetch_model(args.model or DEFAULTS["model"]))
+        cfg, from_recipe = resolve_config(args, model_config, ranks)
         if args.seeds:
             cfg["seed"] = args.seeds  # printed as such; each run records its own
         print_config(cfg, from_recipe, model_config)
-        data = tokenize(load_data(cfg), model_dir, model_config, cfg)
+        data = tokenize(main_first(ranks, lambda: load_data(cfg)), model_dir, model_config, cfg, ranks)
         if not args.seeds:
-            results = train_run(cfg, from_recipe, data, model_dir, stage)
+            results = train_run(cfg, from_recipe, data, model_dir, stage, ranks)
         else:
-            runs = [train_run({**cfg, "seed": s}, from_recipe, data, model_dir, stage / f"seed-{s}")
+            runs = [train_run({**cfg, "seed": s}, from_recipe, data, model_dir, stage / f"seed-{s}", ranks)
                     for s in args.seeds]
             results = summarize(runs)
-            write_json(stage / "summary.json", results)
+            if ranks.main:
+                write_json(stage / "summary.json", results)
             for key in reported(cfg["task"]):
                 s = results[key]
                 print(f"{key} over seeds {args.seeds}: mean {s['mean']:.4f}, std {s['std']:.4f}, "
@@ -1112,15 +1173,23 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.table:
-            return print(make_table(args.table))
-        if args.eval_only:
-            return evaluate_saved(args)
-        return train(args)
-    except (UserError, NonFiniteLoss) as e:
-        raise SystemExit(f"error: {e}") from None
+    # Under torchrun every copy runs all of this, and all but rank 0 print nothing: the same lines N times would
+    # bury the run's. Their tracebacks (a failure of that copy alone) still reach stderr.
+    quiet = os.environ.get("RANK", "0") != "0"
+    with open(os.devnull, "w") as null, redirect_stdout(null) if quiet else nullcontext():
+        with redirect_stderr(null) if quiet else nullcontext():
+            args = parse_args(argv)  # argparse's messages go to stderr; every copy checks the flags alike
+        try:
+            if args.table:
+                return print(make_table(args.table))
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            ranks = start_data_parallel(pick_device(args.device))  # a plain `python` run: nothing distributed
+            result = evaluate_saved(args, ranks) if args.eval_only else train(args, ranks)
+        except (UserError, NonFiniteLoss) as e:  # raised on every copy alike, or (main_first) on rank 0 alone
+            raise SystemExit(1 if quiet else f"error: {e}") from None
+        stop_data_parallel(ranks)
+        return result
 
 
 if __name__ == "__main__":
