@@ -9,6 +9,7 @@ from 127.0.0.1, so the file needs no network and takes well under a minute.
 import io
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -897,3 +898,89 @@ def test_an_existing_run_is_replaced_only_with_overwrite(assets, tmp_path, capsy
     again, _ = run(assets, tmp_path, "--max_steps", "2", "--epochs", "1", "--overwrite")
     assert json.loads((out / "results.json").read_text())["steps"] == 2 and not (out / "eval-1").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# ----------------------------------------------------------------------------- many copies (torchrun), on CPU
+
+# Loaded into every copy by Python's `site` (PYTHONPATH): a copy other than rank 0 that creates, writes, renames or
+# removes anything under UNILORA_TEST_WATCH fails on the spot, so "rank 0 alone writes" is checked, not assumed.
+WATCH_HOOK = '''
+import os, sys
+watched, rank = os.environ.get("UNILORA_TEST_WATCH"), os.environ.get("RANK", "0")
+if watched and rank != "0":
+    def refuse(event, args):
+        writes = event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree") or event == "open" and (
+            any(c in args[1] for c in "wax+") if isinstance(args[1], str) else args[2] & (os.O_WRONLY | os.O_RDWR))
+        if writes and isinstance(args[0], (str, bytes, os.PathLike)) and \\
+                os.path.abspath(os.fsdecode(args[0])).startswith(watched):
+            raise PermissionError(f"rank {rank}: {event} {args[0]}")
+    sys.addaudithook(refuse)
+'''
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(argv, watched, hook_dir, copies=2):
+    """`torchrun --nproc_per_node 2 -- train_glue.py ARGV` as a user types it, on 127.0.0.1 (gloo on CPU)."""
+    (hook_dir / "sitecustomize.py").write_text(WATCH_HOOK)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(hook_dir), UNILORA_TEST_WATCH=str(watched))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(copies), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "--", str(REPO / "train_glue.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=watched, env=env)
+
+
+def test_two_copies_train_exactly_the_one_process_run(assets, tmp_path, tmp_path_factory, monkeypatch):
+    """Two copies, each with its share of every global batch of 8 (45 examples: the last batch is 5, split 3 + 2),
+    in micro-batches of 2 (--grad_accum 4), against one process on the same global batch: the same theta_d and head
+    after 12 steps, the same dev predictions, the same files (rank 0 alone writes them).
+
+    Tolerance: fp32 sums the batch in another order on two copies (two partial sums, then one all-reduce). As a
+    yardstick, one process whose only change is the order of that sum (--grad_accum 1 instead of 4) moves theta_d
+    by about 4e-6 of its norm on this run; two copies must stay within 2e-6 of it (norm-wise). A copy that skipped
+    the all-reduce, took the wrong rows or normalised by its own share instead misses by 1e-2 or more."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    models, data = assets
+    argv = ["--task", "sst2", "--model", str(models["bert"]), "--data_dir", str(data["sst2"]), "--batch_size", "8",
+            "--grad_accum", "4", "--max_train_samples", "45", "--max_eval_samples", "23", "--max_length", "32",
+            "--epochs", "2", "--d", "256", "--device", "cpu", "--threads", "1"]
+    one = tg.main(argv + ["--output_dir", str(tmp_path / "one")])
+    assert not torch.distributed.is_initialized()  # a plain run never starts torch.distributed
+    proc = torchrun(argv + ["--output_dir", str(tmp_path / "two")], tmp_path, tmp_path_factory.mktemp("hook"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved to") == 1 and proc.stdout.count("  task               sst2") == 1  # rank 0 alone
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (one["world_size"], two["world_size"], one["steps"], two["steps"]) == (1, 2, 12, 12)
+    for a, b in zip(one["epochs"], two["epochs"]):
+        assert a["dev"]["accuracy"] == b["dev"]["accuracy"] and a["dev"]["loss"] == pytest.approx(b["dev"]["loss"],
+                                                                                                   rel=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    for name in ("adapter.pt", "best/adapter.pt"):
+        theta = [torch.load(tmp_path / run / name, weights_only=True)["theta_d"].double() for run in ("one", "two")]
+        assert (theta[1] - theta[0]).norm() <= 2e-6 * theta[0].norm(), name
+    heads = [tg.load_safetensors(tmp_path / run / "head.safetensors") for run in ("one", "two")]
+    for key in heads[0]:
+        assert (heads[1][key] - heads[0][key]).double().norm() <= 2e-6 * heads[0][key].double().norm(), key
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no .partial, no .old, nothing else
+    assert json.loads((tmp_path / "two" / "run.json").read_text()) == one["config"]
+
+
+def test_a_user_error_under_torchrun_is_printed_once_and_stops_every_copy(assets, tmp_path, tmp_path_factory):
+    """Only rank 0 checks the output folder; the other copy must not wait for it forever, nor print the error."""
+    models, data = assets
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "run.json").write_text("{}")  # another run: refused without --overwrite
+    argv = ["--task", "sst2", "--model", str(models["bert"]), "--data_dir", str(data["sst2"]), "--d", "64",
+            "--device", "cpu", "--output_dir", str(saved)]
+    proc = torchrun(argv, tmp_path, tmp_path_factory.mktemp("hook"))
+    assert proc.returncode != 0
+    message = f"--output_dir {saved} already holds a run; pass --overwrite"
+    assert (proc.stdout + proc.stderr).count(message) == 1 and "train_glue.py\", line" not in proc.stderr
+    assert tree(tmp_path) == ["saved", "saved/run.json"]
