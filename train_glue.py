@@ -11,7 +11,7 @@ head (the classification head alone) share the data, head, optimiser, schedule a
     python train_glue.py --task cola --no-signs                   # Uni-LoRA exactly as published
     python train_glue.py --eval_only --load runs/glue-sst2-unilora      # score a saved run again (-> eval-N/)
     python train_glue.py --table runs/                            # Table 1 from any run folders
-    torchrun --standalone --nproc_per_node 8 -- train_glue.py --task sst2   # one run on 8 GPUs (same result)
+    torchrun --standalone --nproc_per_node 8 -- train_glue.py --task sst2   # one run on 8 GPUs (README)
 
 Where each default comes from:
   official scripts - RoBERTa-base, query and value, r = 4, d = 23,040; AdamW, theta_d lr 5e-3 with no weight
@@ -808,11 +808,12 @@ def fit(model, adapter, optimizer, scheduler, total_steps, train_set, dev_sets, 
     epoch in folder/best. Returns (history, best, seconds of each optimiser step)."""
     metric = TASKS[cfg["task"]]["metrics"][0]
     n, batch_size = len(train_set[0]), cfg["batch_size"]
-    order_rng = torch.Generator().manual_seed(cfg["seed"])  # data order: the same on every copy, apart from dropout
+    order_rng = torch.Generator().manual_seed(cfg["seed"])  # the same order on every copy; not tied to dropout
     history, best, step_times = [], None, []
     model.train()
+    # the bar is closed on errors too, so that messages start on a clean line
     with tqdm(total=total_steps, desc=f"{cfg['task']} {cfg['method']} seed {cfg['seed']}", dynamic_ncols=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ranks.main) as bar:  # closed on errors too: messages start clean
+              mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ranks.main) as bar:
         for epoch in range(1, math.ceil(total_steps / math.ceil(n / batch_size)) + 1):
             perm = torch.randperm(n, generator=order_rng).tolist()
             epoch_loss, seen = 0.0, 0
@@ -884,8 +885,10 @@ def train_run(cfg, from_recipe, data, model_dir, folder, ranks):
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model, adapter = build_model(cfg, model_dir)
-    if ranks.rank:  # dropout: each copy its own masks (as one process draws new ones for every row); rank 0 and a
-        torch.manual_seed(1_000_003 * ranks.rank + cfg["seed"])  # single process keep the seed's stream
+    # Dropout after the (identical) initialisation: the other copies draw their own masks, as one process draws new
+    # ones for every row, not rank 0's again; rank 0 keeps the seed's stream, so a plain run is unchanged.
+    if ranks.rank:
+        torch.manual_seed(1_000_003 * ranks.rank + cfg["seed"])
     train_set, dev_sets, pad_id = data["train"], data["dev"], data["pad_id"]
     counts = dict(adapter.counts()) if adapter is not None else {"d": 0, "D": 0}
     counts = {"d": counts["d"], "D": counts["D"], "head": sum(p.numel() for p in model.classifier.parameters())}
