@@ -754,3 +754,34 @@ def test_batch_flags_agree(tmp_path):
     paper = train_math.parse_args(["--recipe", "paper"])
     assert (paper.model, paper.protocol, paper.signs, paper.max_eval_samples) == ("google/gemma-7b", "official",
                                                                                  False, None)
+
+
+# ------------------------------------------------------------------------------------ --projection (issue 13)
+
+def test_projection_flag_is_recorded_resumed_and_reloaded(tiny, tmp_path):
+    run = tmp_path / "local"
+    out = main(base_args(tiny, run, "--projection", "local", "--max_steps", "2", "--stop_after", "1", "--no_eval"))
+    assert out["projection"] == "local" and json.loads((run / "run.json").read_text())["projection"] == "local"
+    assert train_math.unilora.read_adapter_file(str(run / "adapter.pt"))[0]["projection"]["kind"] == "local"
+    with pytest.raises(UserError, match=r"--projection: 'local' -> 'iid'"):
+        main(base_args(tiny, run, "--projection", "iid", "--max_steps", "2", "--resume"))
+    with pytest.raises(UserError, match=r"--projection: 'local' -> 'balanced'"):  # left out: the default, refused
+        main(base_args(tiny, run, "--max_steps", "2", "--resume"))
+    done = main(base_args(tiny, run, "--projection", "local", "--max_steps", "2", "--resume"))
+    assert strict_json(run / "results.json")["projection"] == "local" and done["train"]["steps_done"] == 2
+    again = main(["--eval_only", "--load", str(run), "--threads", "1", "--max_new_tokens", "6",
+                  "--eval_batch_size", "3"])  # the kind comes from run.json: the same adapter, the same numbers
+    assert again["projection"] == "local" and again["after"]["loglik"] == pytest.approx(done["after"]["loglik"],
+                                                                                           abs=1e-5)
+
+
+def test_projection_errors_are_one_line(tiny, tmp_path, monkeypatch):
+    for method in ("lora", "none"):
+        code = run_as_script(monkeypatch, ["--method", method, "--projection", "iid"])
+        assert code == f"error: --projection is Uni-LoRA's choice of P; --method {method} has none: drop it"
+    code = run_as_script(monkeypatch, base_args(tiny, tmp_path / "ff", "--projection", "fastfood", "--no-signs"))
+    assert str(code).startswith("error: --projection fastfood has random signs") and "\n" not in code
+    monkeypatch.setattr("projections.GAUSSIAN_MAX_ENTRIES", 1000)  # the tiny model's D x d is far above
+    code = run_as_script(monkeypatch, base_args(tiny, tmp_path / "g", "--projection", "gaussian", "--no_eval"))
+    assert str(code).startswith("error: --d 256 / --projection gaussian: gaussian projection: a dense")
+    assert "\n" not in code and not (tmp_path / "g" / "run.json").exists()

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
+from projections import PROJECTIONS
 from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, download, fraction,
                         hub_endpoint, hub_token, new_eval_dir, nonnegative_float, nonnegative_int, pad,
                         positive_float, positive_int, prepare_output_dir, resolve, write_json)
@@ -108,9 +109,9 @@ AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_samples", "prompt_field",
                "response_field", "template", "system_prompt", "protocol", "max_length", "epochs", "max_steps",
                "batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs",
-               "dropout", "seed", "dtype", "amp", "n_train")
+               "projection", "dropout", "seed", "dtype", "amp", "n_train")
 # What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).
-RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha")
+RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha", "projection")
 
 
 class Parser(argparse.ArgumentParser):
@@ -162,6 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--signs", action=argparse.BooleanOptionalAction,
                    help="Uni-LoRA: random +-1 per row of P, or the paper's all-positive P (recipe: small on,\n"
                         "paper off)")
+    p.add_argument("--projection", choices=list(PROJECTIONS),
+                   help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--dropout", type=fraction, default=0.0, help="adapter dropout on the layer input")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="projection, LoRA init and data order")
     # precision
@@ -197,6 +200,10 @@ def parse_args(argv=None):
             raise UserError("--eval_only needs --load <run folder>; to evaluate the base model use --method none")
         take_run_settings(args, explicit)
     args.method = args.method or "unilora"
+    if args.projection and args.method != "unilora":
+        raise UserError(f"--projection is Uni-LoRA's choice of P; --method {args.method} has none: drop it")
+    if args.method == "unilora":
+        args.projection = args.projection or "balanced"  # runs saved before --projection: balanced
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -257,6 +264,9 @@ def check_flag_combinations(args):
         if not named and not Path(source).expanduser().is_file():
             raise UserError(f"data file {source} does not exist ({flag}); pass a .json/.jsonl path, a URL, or "
                             f"metamathqa / gsm8k / math to download")
+    if args.train and args.projection in ("fastfood", "gaussian") and not args.signs:
+        raise UserError(f"--projection {args.projection} has random signs by construction and the all-positive P "
+                        f"(--no-signs, the paper recipe's default) does not apply; pass --signs")
     if args.protocol == "official" and args.template != "alpaca":
         raise UserError("--protocol official uses the Alpaca prompt of the official code; pass --template alpaca, "
                         "or --protocol plain to train with the chat template")
@@ -791,9 +801,10 @@ def read_checkpoint(path, run_config):
                         f"run with --overwrite") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train_math.py")
-    changed = []
+    changed, saved = [], ckpt["config"]
     for key, now in run_config.items():
-        was = ckpt["config"].get(key)
+        # checkpoints written before --projection existed trained Uni-LoRA's balanced P
+        was = saved.get(key, "balanced" if key == "projection" and saved.get("method") == "unilora" else None)
         if was != now:
             flag = {"train_sha256": "--train_data (the file's contents changed)",
                     "n_train": "--train_data/--max_train_samples (number of examples)"}.get(key, f"--{key}")
@@ -809,15 +820,17 @@ def build_adapter(args, model):
     saved = Path(args.load) / "adapter.pt" if args.eval_only else None
     try:
         if args.method == "unilora":
+            projection = PROJECTIONS[args.projection]
             if saved:
-                return unilora.load_unilora(model, str(saved))
+                return unilora.load_unilora(model, str(saved), projection=projection)
             return unilora.apply_unilora(model, args.d, r=args.r, seed=args.seed, signs=args.signs,
-                                         dropout=args.dropout)
+                                         dropout=args.dropout, projection=projection)
         if args.method == "lora":
             adapter = unilora.apply_lora(model, r=args.r, alpha=args.lora_alpha, dropout=args.dropout)
             return adapter.load(str(saved)) if saved else adapter
     except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # d > D; a bad adapter file
-        raise UserError(f"--load {args.load}: {e}" if saved else f"--d {args.d}: {e}") from e
+        raise UserError(f"--load {args.load}: {e}" if saved else
+                        f"--d {args.d} / --projection {args.projection}: {' '.join(str(e).split())}") from e
     return None
 
 
@@ -1090,12 +1103,9 @@ def main(argv=None):
     ckpt = read_checkpoint(run_dir / "checkpoint.pt", run_config) if args.resume else None
     task, eval_items = load_eval_items(args, fmt) if not args.no_eval else (None, [])
     results = dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
-                   template=args.template, protocol=protocol_record(args),
+                   projection=args.projection, template=args.template, protocol=protocol_record(args),
                    precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load,
                    args={k: v for k, v in vars(args).items() if k not in ("hf_token", "pad_id")})
-    if args.train and not args.resume:
-        write_json(run_dir / "run.json", results["args"])
-
     # "before": the untouched base model (a resumed run kept the number in its checkpoint)
     before = ckpt.get("before") if ckpt else None
     if eval_items and args.train and before is None:
@@ -1105,6 +1115,8 @@ def main(argv=None):
     if adapter is not None:
         results["params"] = adapter.counts()
         print(f"{args.method}: {results['params']}")
+    if args.train and not args.resume:  # once the adapter exists: a refused --d or --projection leaves no run.json
+        write_json(run_dir / "run.json", results["args"])
 
     if args.train:
         try:
