@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import http.server
 import json
+import os
 import runpy
+import socket
 import subprocess
 import sys
 import threading
@@ -785,3 +787,62 @@ def test_projection_errors_are_one_line(tiny, tmp_path, monkeypatch):
     code = run_as_script(monkeypatch, base_args(tiny, tmp_path / "g", "--projection", "gaussian", "--no_eval"))
     assert str(code).startswith("error: --d 256 / --projection gaussian: gaussian projection: a dense")
     assert "\n" not in code and not (tmp_path / "g" / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------- several copies (torchrun, issue 14)
+
+def torchrun(argv, copies=2):
+    """The user's command, `torchrun --nproc_per_node 2 -- train_math.py ...`, on CPU with gloo on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(copies), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "--", str(HERE / "train_math.py"), *argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE, env=env | {"OMP_NUM_THREADS": "1"})
+
+
+def assert_same_params(a, b, rtol):
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == torch.float64 and (x - y).abs().max() <= rtol * x.abs().max()
+
+
+def test_two_copies_train_and_evaluate_like_one(tiny, tmp_path):
+    """Global batch 4 split over 2 copies (2 examples each) equals one process; in float64 the sums over the copies
+    differ from the one-process sums in rounding only, so 1e-9 relative is a loose bound."""
+    def args(out, *extra):
+        return base_args(tiny, out, "--dtype", "float64", "--max_steps", "4", "--save_every", "2", *extra)
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(args(one, "--stop_after", "2", "--no_eval"))
+    proc = torchrun(args(two, "--stop_after", "2", "--no_eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_params(checkpoint_params(one), checkpoint_params(two), rtol=1e-9)
+    log_one, log_two = ([json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [r["step"] for r in log_two] == [1, 2]  # one writer: no line twice
+    for a, b in zip(log_one, log_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-9) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                 rel=1e-9)
+    assert sorted(p.name for p in two.iterdir()) == ["adapter.pt", "checkpoint.pt", "results.json", "run.json",
+                                                     "train_log.jsonl"]
+    assert strict_json(two / "results.json")["world_size"] == 2 and proc.stdout.count("training 4 steps") == 1
+
+    # the 2-copy checkpoint, resumed by one process, continues the one-process trajectory
+    ref = main(args(one, "--resume"))
+    cont = main(args(two, "--resume"))
+    assert_same_params(checkpoint_params(one), checkpoint_params(two), rtol=1e-9)
+    assert cont["after"]["loglik"] == pytest.approx(ref["after"]["loglik"], rel=1e-9)
+
+    # evaluation split over 2 copies: the same predictions, in file order, and the same numbers
+    proc = torchrun(["--eval_only", "--load", str(one), "--dtype", "float64", "--threads", "1",
+                     "--max_new_tokens", "6", "--eval_batch_size", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (one / "eval-1" / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+    shared = strict_json(one / "eval-1" / "results.json")
+    assert shared["world_size"] == 2 and not (one / "eval-2").exists()
+    for key in ("accuracy", "accuracy_lenient", "correct", "n", "no_answer_mark"):
+        assert shared["after"][key] == ref["after"][key]
+    assert shared["after"]["loglik"] == pytest.approx(ref["after"]["loglik"], rel=1e-9)
+
+    # a user error found after the copies joined stops both, said once, without a hang
+    proc = torchrun(args(two, "--resume", "--lr", "0.01"))
+    assert proc.returncode != 0 and proc.stderr.count("--lr: 0.02 -> 0.01") == 1
