@@ -846,3 +846,15 @@ def test_two_copies_train_and_evaluate_like_one(tiny, tmp_path):
     # a user error found after the copies joined stops both, said once, without a hang
     proc = torchrun(args(two, "--resume", "--lr", "0.01"))
     assert proc.returncode != 0 and proc.stderr.count("--lr: 0.02 -> 0.01") == 1
+
+
+def test_plain_python_never_touches_torch_distributed(tiny, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.distributed was called by a one-process run")
+    for name in ("init_process_group", "destroy_process_group", "barrier", "all_reduce", "broadcast",
+                 "broadcast_object_list", "all_gather_object"):
+        monkeypatch.setattr(torch.distributed, name, refuse)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = main(base_args(tiny, tmp_path / "plain", "--max_steps", "1"))
+    assert out["world_size"] == 1 and out["status"] == "finished"
