@@ -118,8 +118,8 @@ RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lo
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"error: {message} (see --help)\n")
+    def error(self, message):  # one line, not the whole usage block; under torchrun from the first copy only
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def count_or_all(text):
