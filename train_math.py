@@ -11,6 +11,7 @@ outside autocast), the test problems are decoded greedily and the answer after "
     python train_math.py --method lora            # plain-LoRA baseline through the same pipeline
     python train_math.py --method none            # the base model, no training
     python train_math.py --eval_only --load out/math-unilora   # evaluate a saved run again (into eval-N/)
+    torchrun --nproc_per_node 8 -- train_math.py --recipe paper  # data parallel: 8 copies share each batch
 
 --protocol official (the default) is the official code's protocol, point by point: training text = prompt +
 response + EOS with no separator; evaluation prompt ending "### Response: Let's think step by step."; decoding
@@ -152,9 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, help="passes over the training data (recipe)")
     p.add_argument("--max_steps", type=positive_int, help="optimizer steps; overrides --epochs")
     p.add_argument("--stop_after", type=positive_int, help="exit after this many steps with a checkpoint")
-    p.add_argument("--batch_size", type=positive_int, help="effective batch size (recipe)")
+    p.add_argument("--batch_size", type=positive_int, help="global batch size, whatever the number of copies (recipe)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward (recipe)")
+    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward of one copy (recipe)")
     split.add_argument("--grad_accum", type=positive_int, help="or: micro-batches per step (batch_size / grad_accum)")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
     p.add_argument("--warmup_ratio", type=fraction, help="fraction of steps of linear warmup (recipe)")
@@ -188,7 +189,8 @@ def parse_args(argv=None):
     p.add_argument("--no_eval", action="store_true", help="train only")
     p.add_argument("--max_new_tokens", type=positive_int,
                    help="generation budget per problem (protocol: official 1,024 GSM8K / 2,048 MATH)")
-    p.add_argument("--eval_batch_size", type=positive_int, help="problems decoded together, left-padded (recipe)")
+    p.add_argument("--eval_batch_size", type=positive_int,
+                   help="problems decoded together by one copy, left-padded (recipe)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--hf_token", help="for gated models and hub data (default: $HF_TOKEN); sent to the hub only")
