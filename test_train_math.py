@@ -886,3 +886,19 @@ def test_a_user_error_of_the_first_copy_stops_the_others(monkeypatch):
     with pytest.raises(UserError, match="holds a model"):
         train_math.main_first(first, step, "bad")
     assert sent[-1] == ["--output_dir bad holds a model", None]  # what the first copy broadcast
+
+
+def test_runs_from_before_projection_are_balanced(tiny, tmp_path):
+    run = tmp_path / "old"
+    main(base_args(tiny, run, "--max_steps", "2", "--stop_after", "1", "--no_eval"))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"].pop("projection") == "balanced"  # as a checkpoint written before the flag existed
+    torch.save(ckpt, run / "checkpoint.pt")
+    config = json.loads((run / "run.json").read_text())
+    del config["projection"]
+    (run / "run.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"--projection: 'balanced' -> 'iid'"):
+        main(base_args(tiny, run, "--max_steps", "2", "--resume", "--projection", "iid"))
+    assert main(base_args(tiny, run, "--max_steps", "2", "--resume", "--no_eval"))["status"] == "trained"
+    again = main(["--eval_only", "--load", str(run), "--threads", "1", "--max_new_tokens", "2"])
+    assert again["projection"] == "balanced" and again["status"] == "finished"
