@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import http.server
 import json
+import os
 import runpy
+import socket
 import subprocess
 import sys
 import threading
@@ -754,3 +756,149 @@ def test_batch_flags_agree(tmp_path):
     paper = train_math.parse_args(["--recipe", "paper"])
     assert (paper.model, paper.protocol, paper.signs, paper.max_eval_samples) == ("google/gemma-7b", "official",
                                                                                  False, None)
+
+
+# ------------------------------------------------------------------------------------ --projection (issue 13)
+
+def test_projection_flag_is_recorded_resumed_and_reloaded(tiny, tmp_path):
+    run = tmp_path / "local"
+    out = main(base_args(tiny, run, "--projection", "local", "--max_steps", "2", "--stop_after", "1", "--no_eval"))
+    assert out["projection"] == "local" and json.loads((run / "run.json").read_text())["projection"] == "local"
+    assert train_math.unilora.read_adapter_file(str(run / "adapter.pt"))[0]["projection"]["kind"] == "local"
+    with pytest.raises(UserError, match=r"--projection: 'local' -> 'iid'"):
+        main(base_args(tiny, run, "--projection", "iid", "--max_steps", "2", "--resume"))
+    with pytest.raises(UserError, match=r"--projection: 'local' -> 'balanced'"):  # left out: the default, refused
+        main(base_args(tiny, run, "--max_steps", "2", "--resume"))
+    done = main(base_args(tiny, run, "--projection", "local", "--max_steps", "2", "--resume"))
+    assert strict_json(run / "results.json")["projection"] == "local" and done["train"]["steps_done"] == 2
+    again = main(["--eval_only", "--load", str(run), "--threads", "1", "--max_new_tokens", "6",
+                  "--eval_batch_size", "3"])  # the kind comes from run.json: the same adapter, the same numbers
+    assert again["projection"] == "local" and again["after"]["loglik"] == pytest.approx(done["after"]["loglik"],
+                                                                                           abs=1e-5)
+
+
+def test_projection_errors_are_one_line(tiny, tmp_path, monkeypatch):
+    for method in ("lora", "none"):
+        code = run_as_script(monkeypatch, ["--method", method, "--projection", "iid"])
+        assert code == f"error: --projection is Uni-LoRA's choice of P; --method {method} has none: drop it"
+    code = run_as_script(monkeypatch, base_args(tiny, tmp_path / "ff", "--projection", "fastfood", "--no-signs"))
+    assert str(code).startswith("error: --projection fastfood has random signs") and "\n" not in code
+    monkeypatch.setattr("projections.GAUSSIAN_MAX_ENTRIES", 1000)  # the tiny model's D x d is far above
+    code = run_as_script(monkeypatch, base_args(tiny, tmp_path / "g", "--projection", "gaussian", "--no_eval"))
+    assert str(code).startswith("error: --d 256 / --projection gaussian: gaussian projection: a dense")
+    assert "\n" not in code and not (tmp_path / "g" / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------- several copies (torchrun, issue 14)
+
+def torchrun(argv, copies=2):
+    """The user's command, `torchrun --nproc_per_node 2 -- train_math.py ...`, on CPU with gloo on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(copies), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "--", str(HERE / "train_math.py"), *argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
+                          env=env | {"OMP_NUM_THREADS": "1"})
+
+
+def assert_same_params(a, b, rtol):
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == torch.float64 and (x - y).abs().max() <= rtol * x.abs().max()
+
+
+def test_two_copies_train_and_evaluate_like_one(tiny, tmp_path):
+    """Global batch 4 split over 2 copies (2 examples each) equals one process; in float64 the sums over the copies
+    differ from the one-process sums in rounding only, so 1e-9 relative is a loose bound."""
+    def args(out, *extra):
+        return base_args(tiny, out, "--dtype", "float64", "--max_steps", "4", "--save_every", "2", *extra)
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(args(one, "--stop_after", "2", "--no_eval"))
+    proc = torchrun(args(two, "--stop_after", "2", "--no_eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_params(checkpoint_params(one), checkpoint_params(two), rtol=1e-9)
+    log_one, log_two = ([json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [r["step"] for r in log_two] == [1, 2]  # one writer: no line twice
+    for a, b in zip(log_one, log_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-9) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                 rel=1e-9)
+    assert sorted(p.name for p in two.iterdir()) == ["adapter.pt", "checkpoint.pt", "results.json", "run.json",
+                                                     "train_log.jsonl"]
+    assert strict_json(two / "results.json")["world_size"] == 2 and proc.stdout.count("training 4 steps") == 1
+
+    # the 2-copy checkpoint, resumed by one process, continues the one-process trajectory
+    ref = main(args(one, "--resume"))
+    cont = main(args(two, "--resume"))
+    assert_same_params(checkpoint_params(one), checkpoint_params(two), rtol=1e-9)
+    assert cont["after"]["loglik"] == pytest.approx(ref["after"]["loglik"], rel=1e-9)
+
+    # evaluation split over 2 copies: the same predictions, in file order, and the same numbers
+    proc = torchrun(["--eval_only", "--load", str(one), "--dtype", "float64", "--threads", "1",
+                     "--max_new_tokens", "6", "--eval_batch_size", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (one / "eval-1" / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
+    shared = strict_json(one / "eval-1" / "results.json")
+    assert shared["world_size"] == 2 and not (one / "eval-2").exists()
+    for key in ("accuracy", "accuracy_lenient", "correct", "n", "no_answer_mark"):
+        assert shared["after"][key] == ref["after"][key]
+    assert shared["after"]["loglik"] == pytest.approx(ref["after"]["loglik"], rel=1e-9)
+
+
+
+def test_plain_python_never_touches_torch_distributed(tiny, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.distributed was called by a one-process run")
+    for name in ("init_process_group", "destroy_process_group", "barrier", "all_reduce", "broadcast",
+                 "broadcast_object_list", "all_gather_object"):
+        monkeypatch.setattr(torch.distributed, name, refuse)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = main(base_args(tiny, tmp_path / "plain", "--max_steps", "1"))
+    assert out["world_size"] == 1 and out["status"] == "finished"
+
+
+def test_a_user_error_of_the_first_copy_stops_the_others(monkeypatch):
+    """main_first: the first copy's verdict travels in the one broadcast the others wait on, so they raise the same
+    message instead of waiting forever; on success they run the step themselves, or take its result (share=True)."""
+    sent = []
+
+    def broadcast(message, src):  # what the first copy sent, as the second copy receives it
+        message[:] = sent.pop(0)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    first, second, calls = pretrained.Ranks(0, 2), pretrained.Ranks(1, 2), []
+
+    def step(x):
+        calls.append(x)
+        if x == "bad":
+            raise UserError("--output_dir bad holds a model")
+        return x.upper()
+    sent.append(["--output_dir bad holds a model", None])
+    with pytest.raises(UserError, match="^--output_dir bad holds a model$"):
+        train_math.main_first(second, step, "bad")
+    sent += [[None, None], [None, "FOLDER"]]
+    assert train_math.main_first(second, step, "data") == "DATA"
+    assert train_math.main_first(second, step, "folder", share=True) == "FOLDER"
+    assert calls == ["data"]  # never the failed step, never a shared one
+
+    sent.append(None)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda message, src: sent.__setitem__(-1, message))
+    with pytest.raises(UserError, match="holds a model"):
+        train_math.main_first(first, step, "bad")
+    assert sent[-1] == ["--output_dir bad holds a model", None]  # what the first copy broadcast
+
+
+def test_runs_from_before_projection_are_balanced(tiny, tmp_path):
+    run = tmp_path / "old"
+    main(base_args(tiny, run, "--max_steps", "2", "--stop_after", "1", "--no_eval"))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"].pop("projection") == "balanced"  # as a checkpoint written before the flag existed
+    torch.save(ckpt, run / "checkpoint.pt")
+    config = json.loads((run / "run.json").read_text())
+    del config["projection"]
+    (run / "run.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"--projection: 'balanced' -> 'iid'"):
+        main(base_args(tiny, run, "--max_steps", "2", "--resume", "--projection", "iid"))
+    assert main(base_args(tiny, run, "--max_steps", "2", "--resume", "--no_eval"))["status"] == "trained"
+    again = main(["--eval_only", "--load", str(run), "--threads", "1", "--max_new_tokens", "2"])
+    assert again["projection"] == "balanced" and again["status"] == "finished"

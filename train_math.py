@@ -11,6 +11,7 @@ outside autocast), the test problems are decoded greedily and the answer after "
     python train_math.py --method lora            # plain-LoRA baseline through the same pipeline
     python train_math.py --method none            # the base model, no training
     python train_math.py --eval_only --load out/math-unilora   # evaluate a saved run again (into eval-N/)
+    torchrun --nproc_per_node 8 -- train_math.py --recipe paper  # data parallel: 8 copies share each batch
 
 --protocol official (the default) is the official code's protocol, point by point: training text = prompt +
 response + EOS with no separator; evaluation prompt ending "### Response: Let's think step by step."; decoding
@@ -41,13 +42,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
-from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, download, fraction,
-                        hub_endpoint, hub_token, new_eval_dir, nonnegative_float, nonnegative_int, pad,
-                        positive_float, positive_int, prepare_output_dir, resolve, write_json)
+from projections import PROJECTIONS
+from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
+                        download, fraction, gather_shares, hub_endpoint, hub_token, my_share, new_eval_dir,
+                        nonnegative_float, nonnegative_int, pad, positive_float, positive_int, prepare_output_dir,
+                        resolve, start_data_parallel, stop_data_parallel, sum_gradients, write_json)
 
 
 class UserError(Exception):
@@ -100,7 +104,8 @@ METAMATHQA = ("meta-math/MetaMathQA", "MetaMathQA-395K.json")
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
 # The file MetaMath's (and Uni-LoRA's) MATH evaluation reads: the 5,000 MATH test problems, instruction/output.
 MATH_URL = "https://raw.githubusercontent.com/meta-math/MetaMath/main/data/test/MATH_test.jsonl"
-PRECISION = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float64": torch.float64}  # float64: for exact comparisons (tests), not for training
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Settings that must match for --resume to continue a run (eval settings, micro-batch size, --stop_after may
@@ -108,14 +113,14 @@ AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_samples", "prompt_field",
                "response_field", "template", "system_prompt", "protocol", "max_length", "epochs", "max_steps",
                "batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs",
-               "dropout", "seed", "dtype", "amp", "n_train")
+               "projection", "dropout", "seed", "dtype", "amp", "n_train")
 # What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).
-RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha")
+RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha", "projection")
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"error: {message} (see --help)\n")
+    def error(self, message):  # one line, not the whole usage block; under torchrun from the first copy only
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def count_or_all(text):
@@ -148,9 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, help="passes over the training data (recipe)")
     p.add_argument("--max_steps", type=positive_int, help="optimizer steps; overrides --epochs")
     p.add_argument("--stop_after", type=positive_int, help="exit after this many steps with a checkpoint")
-    p.add_argument("--batch_size", type=positive_int, help="effective batch size (recipe)")
+    p.add_argument("--batch_size", type=positive_int, help="global batch size, whatever the number of copies (recipe)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward (recipe)")
+    split.add_argument("--micro_batch_size", type=positive_int, help="examples per forward of one copy (recipe)")
     split.add_argument("--grad_accum", type=positive_int, help="or: micro-batches per step (batch_size / grad_accum)")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default per method: {DEFAULT_LR})")
     p.add_argument("--warmup_ratio", type=fraction, help="fraction of steps of linear warmup (recipe)")
@@ -162,6 +167,8 @@ def parse_args(argv=None):
     p.add_argument("--signs", action=argparse.BooleanOptionalAction,
                    help="Uni-LoRA: random +-1 per row of P, or the paper's all-positive P (recipe: small on,\n"
                         "paper off)")
+    p.add_argument("--projection", choices=list(PROJECTIONS),
+                   help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--dropout", type=fraction, default=0.0, help="adapter dropout on the layer input")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="projection, LoRA init and data order")
     # precision
@@ -182,7 +189,8 @@ def parse_args(argv=None):
     p.add_argument("--no_eval", action="store_true", help="train only")
     p.add_argument("--max_new_tokens", type=positive_int,
                    help="generation budget per problem (protocol: official 1,024 GSM8K / 2,048 MATH)")
-    p.add_argument("--eval_batch_size", type=positive_int, help="problems decoded together, left-padded (recipe)")
+    p.add_argument("--eval_batch_size", type=positive_int,
+                   help="problems decoded together by one copy, left-padded (recipe)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--hf_token", help="for gated models and hub data (default: $HF_TOKEN); sent to the hub only")
@@ -197,6 +205,10 @@ def parse_args(argv=None):
             raise UserError("--eval_only needs --load <run folder>; to evaluate the base model use --method none")
         take_run_settings(args, explicit)
     args.method = args.method or "unilora"
+    if args.projection and args.method != "unilora":
+        raise UserError(f"--projection is Uni-LoRA's choice of P; --method {args.method} has none: drop it")
+    if args.method == "unilora":
+        args.projection = args.projection or "balanced"  # runs saved before --projection: balanced
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -251,12 +263,19 @@ def check_flag_combinations(args):
     if args.micro_batch_size > args.batch_size or args.batch_size % args.micro_batch_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
                         f"{args.micro_batch_size}")
+    copies = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's --nproc_per_node (times nodes)
+    if args.train and args.batch_size < copies:
+        raise UserError(f"--batch_size {args.batch_size} is the global batch, split across {copies} copies: each "
+                        f"needs one example per step; raise --batch_size to at least {copies}")
     for flag, source in (("--train_data", args.train_data if args.train else None),
                          ("--eval_data", None if args.no_eval else args.eval_data)):
         named = source in (None, "metamathqa", "gsm8k", "math") or re.match(r"https?://", source)
         if not named and not Path(source).expanduser().is_file():
             raise UserError(f"data file {source} does not exist ({flag}); pass a .json/.jsonl path, a URL, or "
                             f"metamathqa / gsm8k / math to download")
+    if args.train and args.projection in ("fastfood", "gaussian") and not args.signs:
+        raise UserError(f"--projection {args.projection} has random signs by construction and the all-positive P "
+                        f"(--no-signs, the paper recipe's default) does not apply; pass --signs")
     if args.protocol == "official" and args.template != "alpaca":
         raise UserError("--protocol official uses the Alpaca prompt of the official code; pass --template alpaca, "
                         "or --protocol plain to train with the chat template")
@@ -687,7 +706,8 @@ def prepare_run_dir(args):
 
 
 def set_up_device(args):
-    """Device, resolved --dtype/--amp, the autocast context and the gradient scaler (fp16 only)."""
+    """Device, resolved --dtype/--amp, the autocast context, the gradient scaler (fp16 only) and the copies (ranks)
+    when torchrun started several: each copy then uses its own GPU (cuda:LOCAL_RANK), and only the main one prints."""
     try:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               "cpu" if args.device == "auto" else args.device)
@@ -695,11 +715,15 @@ def set_up_device(args):
         raise UserError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    ranks = start_data_parallel(str(device))
+    device = torch.device(ranks.device)
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")  # one copy prints the run; errors (stderr) still show from every copy
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     if args.amp == "auto":
         args.amp = {"float32": "bf16" if device.type == "cuda" else "none", "bfloat16": "bf16",
-                    "float16": "fp16"}[args.dtype]
+                    "float16": "fp16", "float64": "none"}[args.dtype]
     amp = AMP[args.amp]
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -707,7 +731,35 @@ def set_up_device(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return device, autocast, scaler
+    return device, autocast, scaler, ranks
+
+
+def main_first(ranks, step, *args, share=False):
+    """Run a step that may download or write on the main copy first, then on the others, which find what it fetched
+    (share=True: they take its result instead, e.g. the run folder it prepared).  A user error on the main copy
+    stops every copy with the same message instead of leaving them waiting."""
+    if ranks.world == 1:
+        return step(*args)
+    result, error = None, None
+    if ranks.main:
+        try:
+            result = step(*args)
+        except UserError as e:
+            error = str(e)
+    message = [error, result if share else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result if ranks.main else message[1] if share else step(*args)
+
+
+def summed(value, ranks):
+    """A number summed over the copies (each adds its share of the global batch)."""
+    if ranks.world == 1:
+        return value
+    total = torch.tensor(value, dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def load_model(args, device):
@@ -726,14 +778,15 @@ def load_model(args, device):
     return tok, model, fmt
 
 
-def load_train_examples(args, fmt):
+def load_train_examples(args, fmt, ranks):
     path = fetch(args.train_data, "train", args.data_dir, args.hf_token)
     args.train_sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     records = read_records(path)[:args.max_train_samples]
     args.prompt_field, args.response_field = pick_fields(records, args.prompt_field, args.response_field, path)
     train, n_truncated, n_dropped, n_converted = [], 0, 0, 0
     pairs = get_pairs(records, args.prompt_field, args.response_field)
-    for query, response, where in tqdm(pairs, desc="tokenize", disable=len(pairs) < 5000, dynamic_ncols=True):
+    for query, response, where in tqdm(pairs, desc="tokenize", disable=len(pairs) < 5000 or not ranks.main,
+                                       dynamic_ncols=True):
         converted = to_metamath_format(response)
         n_converted += converted != response
         ids, labels, truncated = fmt.example(query, converted, args.max_length)
@@ -791,9 +844,10 @@ def read_checkpoint(path, run_config):
                         f"run with --overwrite") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train_math.py")
-    changed = []
+    changed, saved = [], ckpt["config"]
     for key, now in run_config.items():
-        was = ckpt["config"].get(key)
+        # checkpoints written before --projection existed trained Uni-LoRA's balanced P
+        was = saved.get(key, "balanced" if key == "projection" and saved.get("method") == "unilora" else None)
         if was != now:
             flag = {"train_sha256": "--train_data (the file's contents changed)",
                     "n_train": "--train_data/--max_train_samples (number of examples)"}.get(key, f"--{key}")
@@ -809,15 +863,17 @@ def build_adapter(args, model):
     saved = Path(args.load) / "adapter.pt" if args.eval_only else None
     try:
         if args.method == "unilora":
+            projection = PROJECTIONS[args.projection]
             if saved:
-                return unilora.load_unilora(model, str(saved))
+                return unilora.load_unilora(model, str(saved), projection=projection)
             return unilora.apply_unilora(model, args.d, r=args.r, seed=args.seed, signs=args.signs,
-                                         dropout=args.dropout)
+                                         dropout=args.dropout, projection=projection)
         if args.method == "lora":
             adapter = unilora.apply_lora(model, r=args.r, alpha=args.lora_alpha, dropout=args.dropout)
             return adapter.load(str(saved)) if saved else adapter
     except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # d > D; a bad adapter file
-        raise UserError(f"--load {args.load}: {e}" if saved else f"--d {args.d}: {e}") from e
+        raise UserError(f"--load {args.load}: {e}" if saved else
+                        f"--d {args.d} / --projection {args.projection}: {' '.join(str(e).split())}") from e
     return None
 
 
@@ -831,13 +887,23 @@ def lr_lambda_factory(total_steps, warmup_steps):
     return factor
 
 
+def at_least_fp32(logits):
+    """Softmax over a large vocabulary in fp32 at least (float64 runs stay float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def finite_or_none(x):
     return x if math.isfinite(x) else None
 
 
-def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler, run_config, before):
+def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler, run_config, before, ranks):
     """AdamW on the adapter with warmup + cosine; atomic checkpoints; exact resume.  Returns the summary.  A
-    non-finite loss raises NonFiniteLoss before anything of that step is saved."""
+    non-finite loss raises NonFiniteLoss before anything of that step is saved.
+
+    Several copies (torchrun): each takes my_share of every global batch and divides its loss by the whole
+    batch's answer tokens; one sum_gradients after the last micro-batch gives every copy the one-process
+    gradient, so clipping, the fp16 scaler's overflow check and AdamW run identically everywhere.  The main copy
+    alone writes; the checkpoint is the same whatever the number of copies."""
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "train_log.jsonl"
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0 and args.max_steps is None:
@@ -847,6 +913,7 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
     steps_per_epoch = max(1, steps_per_epoch)
     warmup_steps = max(1, math.ceil(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
     params = list(adapter.parameters())
+    copy_from_main(params, ranks)
     opt = torch.optim.AdamW([{"params": params, "weight_decay": args.weight_decay}], lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total_steps, warmup_steps))
     pad_id = args.pad_id
@@ -866,7 +933,8 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
         # steps logged after the checkpoint was written will be trained again: drop them from the log
         kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
             if log_path.exists() else []
-        atomic_write(log_path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
+        if ranks.main:
+            atomic_write(log_path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
         print(f"resumed {ckpt_path} at step {step}/{total_steps}")
 
     # Data order: epoch e visits the examples in default_rng([seed, e]).permutation(n).  It depends only on
@@ -892,24 +960,27 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
     model.train()
     t0 = time.time()
     bar = tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
-               dynamic_ncols=True)
-    with open(log_path, "a") as log:
+               dynamic_ncols=True, disable=not ranks.main)
+    with open(log_path, "a") if ranks.main else contextlib.nullcontext() as log:
         for s in bar:
             idx = batch_indices(s)
             n_targets = sum(train[i][2] for i in idx)  # normalise by the whole batch's answer tokens
+            mine = my_share(list(idx), ranks)
             loss = 0.0
-            for j in range(0, len(idx), args.micro_batch_size):
-                micro = [train[i] for i in idx[j:j + args.micro_batch_size]]
+            for j in range(0, len(mine), args.micro_batch_size):
+                micro = [train[i] for i in mine[j:j + args.micro_batch_size]]
                 ids, mask = pad([m[0] for m in micro], pad_id), pad([[1] * len(m[0]) for m in micro], 0)
                 lab = pad([m[1] for m in micro], -100)
                 with autocast():
                     logits = model(ids.to(device), attention_mask=mask.to(device))
                 target = lab[:, 1:].to(device)
                 keep = target != -100  # only response positions: fp32 logits of a 256k vocabulary are large
-                part = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum") / n_targets
+                part = F.cross_entropy(at_least_fp32(logits[:, :-1][keep]), target[keep], reduction="sum") / n_targets
                 scaler.scale(part).backward()
                 loss += part.item()
+            loss = summed(loss, ranks)  # the whole batch's: every copy stops on the same step
             check_finite(loss, s + 1, hint=f"lower --lr, now {args.lr}")
+            sum_gradients(params, ranks)  # before unscale_: every copy sees the same overflow, clips the same norm
             scaler.unscale_(opt)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0
                          else torch.linalg.vector_norm(torch.cat([x.grad.flatten() for x in params])))
@@ -924,6 +995,8 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
                 sched.step()
             opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
+            if not ranks.main:
+                continue
             log.write(json.dumps(dict(step=s + 1, loss=loss, lr=lr_now, grad_norm=finite_or_none(float(grad_norm)),
                                       skipped=skipped, seconds=round(time.time() - t0, 1))) + "\n")
             log.flush()
@@ -932,6 +1005,8 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
     bar.close()
     if end_step == step:
         print(f"checkpoint already at step {step}; nothing left to train")
+    if not ranks.main:  # the main copy reports
+        return dict(steps=total_steps, steps_done=end_step)
     logged = [json.loads(x) for x in log_path.read_text().splitlines()]
     return dict(data=str(args.train_data), examples=len(train), steps=total_steps, steps_done=end_step,
                 batch_size=args.batch_size, lr=args.lr, first_loss=logged[0]["loss"], last_loss=logged[-1]["loss"],
@@ -939,11 +1014,12 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
 
 
 @torch.no_grad()
-def answer_loglik(model, items, pad_id, batch_size, device, autocast):
+def answer_loglik(model, items, pad_id, batch_size, device, autocast, ranks):
     """Teacher-forced log p(reference solution | training prompt), averaged over the solution's tokens for each
-    problem (EOS excluded), then over problems.  It moves smoothly where a small model's accuracy sits near 0."""
+    problem (EOS excluded), then over problems.  It moves smoothly where a small model's accuracy sits near 0.
+    Each copy scores its share of the problems."""
     model.eval()
-    scores = []
+    items, scores = my_share(items, ranks), []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         seqs = [it["prompt_ids"] + it["answer_ids"] for it in chunk]
@@ -953,11 +1029,11 @@ def answer_loglik(model, items, pad_id, batch_size, device, autocast):
             logits = model(ids, attention_mask=mask)
         target = lab[:, 1:]
         keep = target != -100
-        sel = logits[:, :-1][keep].float()  # the answer positions only, then fp32
-        lp = torch.zeros(target.shape, device=device)
+        sel = at_least_fp32(logits[:, :-1][keep])  # the answer positions only
+        lp = torch.zeros(target.shape, device=device, dtype=sel.dtype)
         lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
         scores += (lp.sum(1) / keep.sum(1)).tolist()
-    return float(np.mean(scores))
+    return float(np.mean(gather_shares(scores, ranks)))
 
 
 def cut_at_stop(text, stop):
@@ -1019,28 +1095,32 @@ def score(task, completion, item):
     return pred, math_equal(pred, item["reference"]), lenient, lenient_math_equal(lenient, item["reference"])
 
 
-def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autocast):
+def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autocast, ranks):
     """Merge the adapter, generate for every problem, score both readings, write predictions.jsonl; returns the
-    numbers."""
+    numbers.  Each copy generates for its share of the problems; the main copy gets all of them back in order."""
     out = {}
     if adapter is not None:
         probe = torch.tensor([items[0]["prompt_ids"] + items[0]["answer_ids"]], device=device)
         model, out["merge_max_logit_change"] = merge_for_eval(model, adapter, probe, autocast)
         print(f"merged the adapter (max |logit change| from merging {out['merge_max_logit_change']:.2e})")
     # in training-sized batches: logits over the whole vocabulary for every position are what fills memory here
-    out["loglik"] = answer_loglik(model, items, args.pad_id, args.micro_batch_size, device, autocast)
+    out["loglik"] = answer_loglik(model, items, args.pad_id, args.micro_batch_size, device, autocast, ranks)
     t0 = time.time()
     stop = PROTOCOLS[args.protocol]["stop"]
     # Longest prompts first: batches hold similar lengths, so little padding, and an out-of-memory error shows
     # up in the first batch, not the last.
+    # Dealt round-robin in that order, every copy gets long and short ones alike.
     order = sorted(range(len(items)), key=lambda i: -len(items[i]["gen_ids"]))
-    outputs = [None] * len(items)
-    for i in tqdm(range(0, len(order), args.eval_batch_size), desc="generate", dynamic_ncols=True):
-        chunk = order[i:i + args.eval_batch_size]
+    mine, done = my_share(order, ranks), []
+    for i in tqdm(range(0, len(mine), args.eval_batch_size), desc="generate", dynamic_ncols=True,
+                  disable=not ranks.main):
+        chunk = mine[i:i + args.eval_batch_size]
         rows, why = generate(model, [items[j]["gen_ids"] for j in chunk], args.pad_id, fmt.end_id,
                              args.max_new_tokens, stop, tok.decode, device, autocast)
-        for j, row, w in zip(chunk, rows, why):
-            outputs[j] = (row, w)
+        done += zip(rows, why)
+    outputs = [None] * len(items)
+    for j, row_why in zip(order, gather_shares(done, ranks), strict=True):
+        outputs[j] = row_why
     seconds = time.time() - t0
     rows, counts = [], defaultdict(lambda: [0, 0])
     for item, (new_ids, why) in zip(items, outputs):
@@ -1055,7 +1135,8 @@ def evaluate(args, model, adapter, tok, fmt, items, task, run_dir, device, autoc
                                     correct=ok, prediction_lenient=lenient, correct_lenient=ok_lenient,
                                     level=item["level"], subject=item["subject"], completion=completion,
                                     new_tokens=len(new_ids), ended_by=why)))
-    atomic_write(run_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
+    if ranks.main:
+        atomic_write(run_dir / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
     n, correct = counts["all"][1], counts["all"][0]
     out.update(task=task, accuracy=correct / n, correct=correct, n=n,
                accuracy_lenient=counts["lenient"][0] / n, correct_lenient=counts["lenient"][0],
@@ -1080,50 +1161,65 @@ def protocol_record(args):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
-    device, autocast, scaler = set_up_device(args)
-    run_dir = prepare_run_dir(args)
-    tok, model, fmt = load_model(args, device)
+    args = parse_args(argv)  # every copy checks the flags alike, so a user error stops them all
+    device, autocast, scaler, ranks = set_up_device(args)
+    try:
+        results = train_and_evaluate(args, ranks, device, autocast, scaler)
+    except BaseException:
+        if ranks.world > 1:
+            dist.destroy_process_group()  # no barrier: another copy may be gone (torchrun then stops the rest)
+        raise
+    stop_data_parallel(ranks)
+    return results
+
+
+def train_and_evaluate(args, ranks, device, autocast, scaler):
+    def save(name, content):
+        if ranks.main:
+            write_json(run_dir / name, content)
+
+    run_dir = main_first(ranks, prepare_run_dir, args, share=True)
+    tok, model, fmt = main_first(ranks, load_model, args, device)
     args.pad_id = tok.pad_id if tok.pad_id is not None else fmt.end_id
-    train = load_train_examples(args, fmt) if args.train else None
+    train = main_first(ranks, load_train_examples, args, fmt, ranks) if args.train else None
     run_config = {k: getattr(args, k) for k in RESUME_KEYS[:-1]} | {"n_train": len(train)} if args.train else None
     ckpt = read_checkpoint(run_dir / "checkpoint.pt", run_config) if args.resume else None
-    task, eval_items = load_eval_items(args, fmt) if not args.no_eval else (None, [])
+    task, eval_items = main_first(ranks, load_eval_items, args, fmt) if not args.no_eval else (None, [])
     results = dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
-                   template=args.template, protocol=protocol_record(args),
-                   precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load,
+                   projection=args.projection, template=args.template, protocol=protocol_record(args),
+                   precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load, world_size=ranks.world,
                    args={k: v for k, v in vars(args).items() if k not in ("hf_token", "pad_id")})
-    if args.train and not args.resume:
-        write_json(run_dir / "run.json", results["args"])
-
     # "before": the untouched base model (a resumed run kept the number in its checkpoint)
     before = ckpt.get("before") if ckpt else None
     if eval_items and args.train and before is None:
-        before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.micro_batch_size, device, autocast)}
+        before = {"loglik": answer_loglik(model, eval_items, args.pad_id, args.micro_batch_size, device, autocast,
+                                          ranks)}
         print(f"before training: mean answer log-likelihood {before['loglik']:.4f}")
     adapter = build_adapter(args, model)
     if adapter is not None:
         results["params"] = adapter.counts()
         print(f"{args.method}: {results['params']}")
+    if args.train and not args.resume:  # once the adapter exists: a refused --d or --projection leaves no run.json
+        save("run.json", results["args"])
 
     if args.train:
         try:
             results["train"] = train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler,
-                                             run_config, before)
+                                             run_config, before, ranks)
         except NonFiniteLoss as e:
-            write_json(run_dir / "results.json", results | dict(status="diverged", error=str(e)))
+            save("results.json", results | dict(status="diverged", error=str(e)))
             raise
         stopped = results["train"]["steps_done"] < results["train"]["steps"]
         if stopped or args.no_eval:
             results["status"] = "stopped" if stopped else "trained"
-            write_json(run_dir / "results.json", results)
+            save("results.json", results)
             print("stopped as asked; continue with --resume" if stopped else "trained; --no_eval: no evaluation")
             return results
 
     results["before"] = before
-    results["after"] = evaluate(args, model, adapter, tok, fmt, eval_items, task, run_dir, device, autocast)
+    results["after"] = evaluate(args, model, adapter, tok, fmt, eval_items, task, run_dir, device, autocast, ranks)
     results.update(status="finished", eval_data=str(args.eval_data))
-    write_json(run_dir / "results.json", results)
+    save("results.json", results)
     after = results["after"]
     print(f"{task.upper()} accuracy (official) {after['correct']}/{after['n']} = {100 * after['accuracy']:.2f}%; "
           f"lenient reading {100 * after['accuracy_lenient']:.2f}%; {after['no_answer_mark']} without "
@@ -1134,5 +1230,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, NonFiniteLoss) as e:
-        sys.exit(f"error: {e}")
+    except (UserError, NonFiniteLoss) as e:  # every copy meets it; the main copy says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
