@@ -1736,6 +1736,39 @@ def sum_gradients(params: list, ranks: Ranks) -> None:
         p.grad = g.view_as(p).clone()
 
 
+def main_first(ranks: Ranks, step, *args, share=False):
+    """step(*args) on the main copy first: it may download or write. Then the other copies run it too and find what
+    it fetched in the cache, or (share=True) take the main copy's result, e.g. the run folder it prepared. If it
+    fails on the main copy, that copy raises the error and every other copy exits quietly with status 1, instead
+    of waiting forever for a step that will never come."""
+    if ranks.world == 1:
+        return step(*args)
+    import torch.distributed as dist
+    result = error = None
+    if ranks.main:
+        try:
+            result = step(*args)
+        except BaseException as e:
+            error = e
+    message = [error is not None, result if share and error is None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0]:
+        raise SystemExit(1)
+    return result if ranks.main else message[1] if share else step(*args)
+
+
+def summed(value: float, ranks: Ranks) -> float:
+    """A number summed over the copies, the same on every copy (one process: the number itself)."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+    total = torch.tensor([value], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(total)
+    return total.item()
+
+
 @torch.no_grad()
 def copy_from_main(params: list, ranks: Ranks) -> None:
     """Start every copy from the main copy's trainable values (they agree by seed; this makes it certain)."""

@@ -71,3 +71,37 @@ def test_without_torchrun_nothing_distributed_happens(monkeypatch):
     rows = list(range(8))
     shares = [P.my_share(rows, P.Ranks(r, 3)) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+def test_main_first_runs_on_the_main_copy_first_and_a_failure_there_stops_the_others(monkeypatch):
+    """The main copy's verdict travels in the one broadcast the others wait on: on failure they exit quietly (the
+    main copy raises the error and says why) instead of waiting forever; on success they run the step themselves,
+    or take its result (share=True)."""
+    sent = []
+
+    def broadcast(message, src):  # what the main copy sent, as the second copy receives it
+        message[:] = sent.pop(0)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    first, second, calls = P.Ranks(0, 2), P.Ranks(1, 2), []
+
+    def step(x):
+        calls.append(x)
+        if x == "bad":
+            raise ValueError("--output_dir bad holds a model")
+        return x.upper()
+    sent.append([True, None])
+    with pytest.raises(SystemExit) as stopped:
+        P.main_first(second, step, "bad")
+    assert stopped.value.code == 1
+    sent += [[False, None], [False, "FOLDER"]]
+    assert P.main_first(second, step, "data") == "DATA"
+    assert P.main_first(second, step, "folder", share=True) == "FOLDER"
+    assert calls == ["data"]  # never the failed step, never a shared one
+
+    sent.append(None)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda message, src: sent.__setitem__(-1, message))
+    with pytest.raises(ValueError, match="holds a model"):
+        P.main_first(first, step, "bad")
+    assert sent[-1] == [True, None]  # what the main copy broadcast
+    assert P.main_first(first, step, "ok", share=True) == "OK" and sent[-1] == [False, "OK"]
+    assert P.main_first(P.Ranks(), step, "alone") == "ALONE"

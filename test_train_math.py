@@ -858,34 +858,6 @@ def test_plain_python_never_touches_torch_distributed(tiny, tmp_path, monkeypatc
     assert out["world_size"] == 1 and out["status"] == "finished"
 
 
-def test_a_user_error_of_the_first_copy_stops_the_others(monkeypatch):
-    """main_first: the first copy's verdict travels in the one broadcast the others wait on, so they raise the same
-    message instead of waiting forever; on success they run the step themselves, or take its result (share=True)."""
-    sent = []
-
-    def broadcast(message, src):  # what the first copy sent, as the second copy receives it
-        message[:] = sent.pop(0)
-    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
-    first, second, calls = pretrained.Ranks(0, 2), pretrained.Ranks(1, 2), []
-
-    def step(x):
-        calls.append(x)
-        if x == "bad":
-            raise UserError("--output_dir bad holds a model")
-        return x.upper()
-    sent.append(["--output_dir bad holds a model", None])
-    with pytest.raises(UserError, match="^--output_dir bad holds a model$"):
-        train_math.main_first(second, step, "bad")
-    sent += [[None, None], [None, "FOLDER"]]
-    assert train_math.main_first(second, step, "data") == "DATA"
-    assert train_math.main_first(second, step, "folder", share=True) == "FOLDER"
-    assert calls == ["data"]  # never the failed step, never a shared one
-
-    sent.append(None)
-    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda message, src: sent.__setitem__(-1, message))
-    with pytest.raises(UserError, match="holds a model"):
-        train_math.main_first(first, step, "bad")
-    assert sent[-1] == ["--output_dir bad holds a model", None]  # what the first copy broadcast
 
 
 def test_runs_from_before_projection_are_balanced(tiny, tmp_path):

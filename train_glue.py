@@ -70,15 +70,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, copy_from_main, download,
-                        fraction, gather_shares, load_config, load_safetensors, my_share, new_eval_dir,
+                        fraction, gather_shares, load_config, load_safetensors, main_first, my_share, new_eval_dir,
                         nonnegative_float, nonnegative_int, pad, positive_float, positive_int, prepare_output_dir,
-                        resolve, save_safetensors, start_data_parallel, stop_data_parallel, sum_gradients,
+                        resolve, save_safetensors, start_data_parallel, stop_data_parallel, sum_gradients, summed,
                         write_json)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
@@ -194,24 +193,6 @@ def check_output_dir(folder, overwrite):
     return prepare_output_dir(folder, overwrite=overwrite)
 
 
-def main_first(ranks, fn, others=True):
-    """fn() on the main copy, then (if others) on the other copies once it succeeded: they find what it downloaded
-    in the cache instead of racing it. If it fails there, the other copies exit quietly (status 1) instead of
-    waiting for it forever; the main copy prints why."""
-    error = result = None
-    if ranks.main:
-        try:
-            result = fn()
-        except BaseException as e:
-            error = e
-    if ranks.world > 1:
-        failed = [error is not None]
-        dist.broadcast_object_list(failed, src=0)
-        if failed[0] and not ranks.main:
-            raise SystemExit(1)
-    if error is not None:
-        raise error
-    return fn() if others and not ranks.main else result
 
 
 def begin_stage(folder, stage, overwrite):
@@ -232,7 +213,7 @@ def staged(folder, overwrite, ranks):
     Only the main copy touches the disk; the others get the same path and never write to it."""
     folder = Path(folder).absolute()
     stage = folder.with_name(folder.name + ".partial")
-    created = main_first(ranks, lambda: begin_stage(folder, stage, overwrite), others=False)
+    created = main_first(ranks, begin_stage, folder, stage, overwrite, share=True)
     if not ranks.main:
         yield stage
         return
@@ -766,13 +747,6 @@ def make_optimizer(model, adapter, cfg, n_train):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total
 
 
-def summed(value, ranks):
-    """A number summed over the copies, the same on every copy (one process: the number itself)."""
-    if ranks.world == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(total)
-    return total.item()
 
 
 def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step, ranks):

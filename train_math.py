@@ -49,9 +49,10 @@ from tqdm import tqdm
 import unilora
 from projections import PROJECTIONS
 from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
-                        download, fraction, gather_shares, hub_endpoint, hub_token, my_share, new_eval_dir,
-                        nonnegative_float, nonnegative_int, pad, positive_float, positive_int, prepare_output_dir,
-                        resolve, start_data_parallel, stop_data_parallel, sum_gradients, write_json)
+                        download, fraction, gather_shares, hub_endpoint, hub_token, main_first, my_share,
+                        new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
+                        prepare_output_dir, resolve, start_data_parallel, stop_data_parallel, sum_gradients, summed,
+                        write_json)
 
 
 class UserError(Exception):
@@ -734,32 +735,8 @@ def set_up_device(args):
     return device, autocast, scaler, ranks
 
 
-def main_first(ranks, step, *args, share=False):
-    """Run a step that may download or write on the main copy first, then on the others, which find what it fetched
-    (share=True: they take its result instead, e.g. the run folder it prepared).  A user error on the main copy
-    stops every copy with the same message instead of leaving them waiting."""
-    if ranks.world == 1:
-        return step(*args)
-    result, error = None, None
-    if ranks.main:
-        try:
-            result = step(*args)
-        except UserError as e:
-            error = str(e)
-    message = [error, result if share else None]
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise UserError(message[0])
-    return result if ranks.main else message[1] if share else step(*args)
 
 
-def summed(value, ranks):
-    """A number summed over the copies (each adds its share of the global batch)."""
-    if ranks.world == 1:
-        return value
-    total = torch.tensor(value, dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(total)
-    return total.item()
 
 
 def load_model(args, device):
