@@ -215,7 +215,9 @@ class SharedVector(nn.Module):
         return self._factors()
 
     def _factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        theta = self.theta_d
+        # Run by every layer in every pass: read the registries directly, nn.Module's attribute lookup costs
+        # microseconds, which hundreds of layers turn into a sizeable share of the projection itself.
+        theta = self._parameters["theta_d"]
         mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
         cached = self._cache.get(mode)
@@ -312,7 +314,7 @@ class UniLoRALinear(AdaptedLinear):
         return self.r * (self.in_features + self.out_features)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.shared.factors()[self.index]
+        return self._modules["shared"].factors()[self.index]  # see SharedVector._factors: a direct lookup
 
     def extra_repr(self) -> str:
         return f"r={self.r}, layer {self.index} of theta_D"
