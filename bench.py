@@ -13,16 +13,18 @@ PASS/FAIL:
      layers' own backward stubbed by one node that hands each matrix its gradient), at the SmolLM2 layer list
      (d = 65,536) and the Mistral-7B one (all 7 linears of 32 layers, d = 524,288):
      over the floor (one hand-written gather of D + split; backward one cat + one index_add, no autograd): target
-     <= 1.3; and over PEFT's formulation (int64 index and float scale per entry, autograd through indexing per
-     layer): target ours/PEFT <= 0.33 (3x faster).
+     <= 1.3; and over PEFT's formulation (its UniLora layer: an int64 index and a float scale per entry, shaped
+     like each matrix, theta_d[index] * scale per matrix with autograd): target ours/PEFT <= 0.33 (3x faster).
   3. a training step of a RoBERTa-base-shaped encoder, query and value, d = 23,040, batch 16 x 128: target <= 1.00;
      resident projection state per LoRA entry (target <= 8 bytes; PEFT keeps 12) and the adapter file size.
-Times are medians of interleaved repeats, so drifts in machine load hit both sides alike. --quick keeps every row
-but shrinks the models (4 of 30 Llama layers with d scaled to keep D/d, batch 1 x 64 only, RoBERTa batch 2 x 64)
-and says so in the row.
+Times are medians of interleaved rounds (each round runs every side once, the order reversed every other round,
+the garbage collector never inside a timed call), so drifts in machine load hit all sides alike; each row also
+gives the range of ours/baseline over the rounds, its spread. --quick keeps every row but shrinks the models (4 of
+30 Llama layers with d scaled to keep D/d, batch 1 x 64 only, RoBERTa batch 2 x 64) and says so in the row.
 """
 import argparse
 import copy
+import gc
 import os
 import statistics
 import tempfile
@@ -46,27 +48,42 @@ ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768
                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 
 
-def interleaved_medians(fns: dict, repeats: int, device) -> dict:
+def interleaved_times(fns: dict, repeats: int, device) -> dict:
+    """Seconds per call of each fn, `repeats` rounds; each round calls every fn once, in an order reversed every
+    other round, so that drifts in machine load and the cost of running after one another hit all sides alike.
+    The garbage collector runs between calls, never inside one."""
     def clock(fn):
+        gc.collect()
+        gc.disable()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
-    for fn in fns.values():  # warm-up: allocator, autograd graph, kernels
+        elapsed = time.perf_counter() - start
+        gc.enable()
+        return elapsed
+    for fn in fns.values():  # warm-up: allocator, autograd graph, kernels, cached tables
         clock(fn)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(clock(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    for i in range(repeats):
+        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            times[name].append(clock(fns[name]))
+    return times
 
 
-def row(device, what, ours, baseline, ratio, target, better="faster", worse="slower"):
+def compare(times: dict, ours: str, baseline: str) -> tuple[float, float, float, str]:
+    """(median ours, median baseline, their ratio, the range of the ratio over the rounds: its spread)."""
+    a, b = statistics.median(times[ours]), statistics.median(times[baseline])
+    per_round = [x / y for x, y in zip(times[ours], times[baseline])]
+    return a, b, a / b, f"rounds {min(per_round):.2f}-{max(per_round):.2f}"
+
+
+def row(device, what, ours, baseline, ratio, target, better="faster", worse="slower", spread=""):
     """One table row; ratio is ours/baseline (time or bytes): below 1 ours is smaller, i.e. faster."""
     verdict = f"{1 / ratio:.2f}x {better}" if ratio < 1 else f"{ratio:.2f}x {worse}" if ratio > 1 else "equal"
+    verdict += f"; {spread}" if spread else ""
     status = "PASS" if ratio <= target else "FAIL"
     print(f"| {device} | {what} | {ours} | {baseline} | {ratio:.3f} ({verdict}) | <= {target:.2f} | {status} |",
           flush=True)
@@ -76,7 +93,7 @@ def row(device, what, ours, baseline, ratio, target, better="faster", worse="slo
 
 
 def step_times(device, base: nn.Module, make_adapter: dict, batch_fn, loss_fn, repeats: int) -> dict:
-    """Median seconds per training step (forward, backward, AdamW) for each way of adapting `base`."""
+    """Seconds per training step (forward, backward, AdamW) for each way of adapting `base`."""
     steps = {}
     for name, apply in make_adapter.items():
         model = copy.deepcopy(base)
@@ -91,7 +108,7 @@ def step_times(device, base: nn.Module, make_adapter: dict, batch_fn, loss_fn, r
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[name] = step
-    return interleaved_medians(steps, repeats, device)
+    return interleaved_times(steps, repeats, device)
 
 
 def llama_step_rows(device, quick: bool, repeats: int):
@@ -108,10 +125,11 @@ def llama_step_rows(device, quick: bool, repeats: int):
 
     for batch, length in ((1, 64),) if quick else ((1, 64), (4, 256)):
         ids = torch.randint(0, config["vocab_size"], (batch, length), device=device)
-        t = step_times(device, base, adapters, lambda: (ids,), lm_loss, repeats)
+        ours, lora, ratio, spread = compare(step_times(device, base, adapters, lambda: (ids,), lm_loss, repeats),
+                                            "unilora", "lora")
         row(device.type, f"train step, SmolLM2-135M shape{f' ({layers} of 30 layers)' if quick else ''}, "
-            f"{batch}x{length}, all linear, r=4", f"Uni-LoRA d={d:,}: {t['unilora']:.3f} s",
-            f"LoRA: {t['lora']:.3f} s", t["unilora"] / t["lora"], 1.00)
+            f"{batch}x{length}, all linear, r=4", f"Uni-LoRA d={d:,}: {ours:.3f} s", f"LoRA: {lora:.3f} s", ratio,
+            1.00, spread=spread)
 
 
 def roberta_step_row(device, quick: bool, repeats: int):
@@ -124,8 +142,9 @@ def roberta_step_row(device, quick: bool, repeats: int):
     ids = torch.randint(3, ROBERTA_BASE["vocab_size"], (batch, length), device=device)
     t = step_times(device, base, adapters, lambda: (ids, torch.ones_like(ids)),
                    lambda model, ids, mask: model(ids, mask)[:, 0].float().square().mean(), repeats)
+    ours, lora, ratio, spread = compare(t, "unilora", "lora")
     row(device.type, f"train step, RoBERTa-base shape, {batch}x{length}, query+value, r=4",
-        f"Uni-LoRA d=23,040: {t['unilora']:.3f} s", f"LoRA: {t['lora']:.3f} s", t["unilora"] / t["lora"], 1.00)
+        f"Uni-LoRA d=23,040: {ours:.3f} s", f"LoRA: {lora:.3f} s", ratio, 1.00, spread=spread)
 
 
 # ---------------------------------------------------------------------------------------- the projection
@@ -173,25 +192,29 @@ def projection_rows(device, name: str, shapes: list, d: int, repeats: int):
         torch.cat([plain, -plain]).index_select(0, idx).split(sizes)
         plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads]))
 
-    # PEFT's formulation: an int64 column and a float scale per entry, autograd through indexing for each matrix.
-    column = (idx.long() % d).split(sizes)
-    counts = torch.bincount(idx.long() % d, minlength=d).float()
-    scale = ((1 - 2 * (idx >= d).float()) / counts[idx.long() % d].sqrt()).split(sizes)
+    # PEFT's formulation (its UniLora layer): per matrix, an int64 column and a float scale per entry, shaped like
+    # the matrix, and theta_d[index] * scale with autograd: a gather and a multiply per matrix, and in the backward
+    # a multiply, a zero-filled d-vector, an accumulating index_put and an add into theta_d's gradient per matrix.
+    columns = idx.long() % d
+    counts = torch.bincount(columns, minlength=d).float()
+    scales = (1 - 2 * (idx >= d).float()) / counts[columns].sqrt()
+    column = [c.view(shape) for c, shape in zip(columns.split(sizes), shapes)]
+    scale = [s.view(shape) for s, shape in zip(scales.split(sizes), shapes)]
 
     def peft():
-        pieces = [(theta[c] * s).view(shape) for c, s, shape in zip(column, scale, shapes)]
+        pieces = [theta[c] * s for c, s in zip(column, scale)]
         LayersBackward.apply(grads, *pieces).backward()
         theta.grad = None
 
     with torch.no_grad():  # all three compute the same P theta_d
         ours_D = torch.cat([t.flatten() for ab in shared.factors() for t in ab])
-        assert torch.allclose(ours_D, torch.cat([(theta[c] * s) for c, s in zip(column, scale)]), atol=1e-7)
-    t = interleaved_medians({"ours": ours, "floor": floor, "peft": peft}, repeats, device)
+        assert torch.allclose(ours_D, torch.cat([(theta[c] * s).flatten() for c, s in zip(column, scale)]), atol=1e-7)
+    t = interleaved_times({"ours": ours, "floor": floor, "peft": peft}, repeats, device)
     what = f"projection per step fwd+bwd, {name} ({L} layers, D={D:,}, d={d:,})"
-    row(device.type, what, f"{1e3 * t['ours']:.1f} ms", f"floor (gather D + split): {1e3 * t['floor']:.1f} ms",
-        t["ours"] / t["floor"], 1.30)
-    row(device.type, what, f"{1e3 * t['ours']:.1f} ms", f"PEFT's per-layer indexing: {1e3 * t['peft']:.1f} ms",
-        t["ours"] / t["peft"], 0.33)
+    for baseline, label, target in (("floor", "floor (gather D + split)", 1.30),
+                                    ("peft", "PEFT's per-layer indexing", 0.33)):
+        a, b, ratio, spread = compare(t, "ours", baseline)
+        row(device.type, what, f"{1e3 * a:.1f} ms", f"{label}: {1e3 * b:.1f} ms", ratio, target, spread=spread)
     return idx.element_size(), column[0].element_size() + scale[0].element_size()
 
 
@@ -208,15 +231,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, help="timed repeats per row (default 5 steps / 15 projections; "
-                                                    "--quick: 3 / 5)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per row (default 9 steps / 15 projections; "
+                                                    "--quick: 5 / 7)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a first look")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
-    step_repeats = args.repeats or (3 if args.quick else 5)
-    projection_repeats = args.repeats or (5 if args.quick else 15)
+    step_repeats = args.repeats or (5 if args.quick else 9)
+    projection_repeats = args.repeats or (7 if args.quick else 15)
     print(f"torch {torch.__version__}, {args.threads} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device")
           + (", --quick" if args.quick else ""))

@@ -557,6 +557,25 @@ def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype, targ
     assert calls[0] == 1  # all layers, three forwards and backwards, one projection: theta_d never changed
 
 
+@pytest.mark.parametrize("shapes, period", [([(2, 3), (4, 2)] * 3, 2),  # one layer shape, repeated
+                                           ([(2, 3), (4, 2), (2, 5), (3, 2)] * 2, 4),  # a block of two layers
+                                           ([(2, 3), (4, 2), (2, 5), (3, 2), (1, 4), (3, 1)], 6)])  # no repetition
+def test_split_gives_consecutive_row_major_matrices_and_their_gradients_back(shapes, period):
+    D = sum(rows * cols for rows, cols in shapes)
+    theta = nn.Parameter(torch.randn(D, dtype=torch.float64))
+    shared = unilora.SharedVector(theta, nn.Identity(), shapes)  # P = I: theta_D is theta itself
+    assert shared.period == period
+    pieces = [t for ab in shared.factors() for t in ab]
+    weights = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    # Through .t(), the gradient that reaches each matrix is a non-contiguous (transposed) tensor.
+    sum((piece.t() * w.t()).sum() for piece, w in zip(pieces, weights)).backward()
+    start = 0
+    for piece, w, (rows, cols) in zip(pieces, weights, shapes):
+        assert torch.equal(piece, theta.detach()[start:start + rows * cols].view(rows, cols))
+        assert torch.equal(theta.grad[start:start + rows * cols], w.flatten())
+        start += rows * cols
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_no_grad_and_inference_mode_between_training_passes(dtype):
     model, adapter, ref = adapted_pair(dtype)

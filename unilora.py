@@ -168,6 +168,31 @@ def balanced_projection(sizes: list[int], d: int, seed: int, signs: bool) -> Ind
     return IndexProjection(make_projection(sum(sizes), d, seed, signs), d)
 
 
+class _Split(torch.autograd.Function):
+    """theta_D -> (A_1, B_1, A_2, ...) as views; backward: their gradients written once into one vector of D.
+
+    Transformer layers repeat one block of shapes (q, k, v, o, ...), `period` shapes long. Seen as (blocks, block
+    size), theta_D splits by column into one (blocks, rows, cols) tensor per position in the block, whose rows are
+    that position's matrices in every block. Views are made, and gradients copied, one position at a time: the
+    Python work is set by the block, not by the number of layers, and there is one autograd node in all."""
+
+    @staticmethod
+    def forward(ctx, theta_D: torch.Tensor, shapes: list[tuple[int, int]], period: int):
+        blocks, block_sizes = len(shapes) // period, [rows * cols for rows, cols in shapes[:period]]
+        ctx.shapes, ctx.blocks, ctx.block_sizes = shapes, blocks, block_sizes
+        columns = theta_D.reshape(blocks, -1).split(block_sizes, dim=1)
+        by_position = [column.view(blocks, *shape).unbind(0) for column, shape in zip(columns, shapes)]
+        return tuple(by_position[j][i] for i in range(blocks) for j in range(period))
+
+    @staticmethod
+    def backward(ctx, *grads):  # a layer that did not run gets zeros (materialized by autograd)
+        period = len(ctx.block_sizes)
+        grad = grads[0].new_empty(ctx.blocks, sum(ctx.block_sizes))
+        for j, column in enumerate(grad.split(ctx.block_sizes, dim=1)):
+            torch.stack(grads[j::period], out=column.view(ctx.blocks, *ctx.shapes[j]))
+        return grad.view(-1), None, None
+
+
 class SharedVector(nn.Module):
     """theta_d (the only trainable tensor), its projection P, and theta_D = P theta_d cached for the current pass.
 
@@ -177,8 +202,7 @@ class SharedVector(nn.Module):
     def __init__(self, theta_d: nn.Parameter, projection: nn.Module, shapes: list[tuple[int, int]]):
         super().__init__()
         self.theta_d, self.projection, self.shapes = theta_d, projection, shapes
-        self.sizes = [rows * cols for rows, cols in shapes]
-        # Transformer layers repeat one block of shapes (q, k, v, o, ...): the length of that block, or all shapes.
+        # The length of the block of shapes that the layers repeat (see _Split), or all shapes.
         self.period = next(p for p in range(1, len(shapes) + 1)
                            if len(shapes) % p == 0 and shapes == shapes[:p] * (len(shapes) // p))
         self._cache = {}  # (grad mode, inference mode) -> (state of theta_d, [(A_l, B_l)])
@@ -191,24 +215,16 @@ class SharedVector(nn.Module):
         return self._factors()
 
     def _factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        theta = self.theta_d
+        # Run by every layer in every pass: read the registries directly, nn.Module's attribute lookup costs
+        # microseconds, which hundreds of layers turn into a sizeable share of the projection itself.
+        theta = self._parameters["theta_d"]
         mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
         cached = self._cache.get(mode)
         if cached is None or cached[0] != state:
-            pieces = self._split(self.projection(theta))
+            pieces = _Split.apply(self.projection(theta), self.shapes, self.period)
             cached = self._cache[mode] = (state, list(zip(pieces[0::2], pieces[1::2])))
         return cached[1]
-
-    def _split(self, theta_D: torch.Tensor) -> list[torch.Tensor]:
-        """[A_1, B_1, A_2, ...] as views of theta_D. Seen as (blocks, block size), theta_D splits ONCE by column
-        into one (blocks, rows, cols) tensor per position in the block, which unbinds into that position's matrix
-        of every block. The backward stacks each position's gradients and concatenates them: a number of autograd
-        nodes and kernels set by the block, not by the number of layers (per-matrix views would cost one node each)."""
-        p, blocks = self.period, len(self.shapes) // self.period
-        columns = theta_D.reshape(blocks, -1).split(self.sizes[:p], dim=1)
-        by_position = [c.view(blocks, *shape).unbind(0) for c, shape in zip(columns, self.shapes)]
-        return [by_position[j][i] for i in range(blocks) for j in range(p)]
 
     def refresh(self) -> None:
         self._cache.clear()
@@ -298,7 +314,7 @@ class UniLoRALinear(AdaptedLinear):
         return self.r * (self.in_features + self.out_features)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.shared.factors()[self.index]
+        return self._modules["shared"].factors()[self.index]  # see SharedVector._factors: a direct lookup
 
     def extra_repr(self) -> str:
         return f"r={self.r}, layer {self.index} of theta_D"
