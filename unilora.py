@@ -460,9 +460,9 @@ class _AdapterHandle:
     def layers(self) -> list[tuple[str, AdaptedLinear]]:
         found = [(n, _submodule_or_none(self.root, n)) for n in self.layer_names]
         if getattr(self, "merged", False) or any(not isinstance(m, AdaptedLinear) for _, m in found):
-            raise RuntimeError(f"this adapter's layers are gone from the model: it was merged (merge() puts plain "
-                               f"nn.Linear layers back) or its layers were replaced. Apply a new adapter to train "
-                               f"or load again.")
+            raise RuntimeError("this adapter's layers are gone from the model: it was merged (merge() puts plain "
+                               "nn.Linear layers back) or its layers were replaced. Apply a new adapter to train "
+                               "or load again.")
         return found
 
     def counts(self) -> dict:
