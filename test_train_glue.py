@@ -746,13 +746,13 @@ def test_table_shows_what_each_row_costs_as_medians(tmp_path, capsys):
     """The ablation's columns: s/step, P theta_d time and bytes, peak RSS, each the median over the row's runs."""
     for seed, (sec, ms, rss) in enumerate(((0.5, 2.0, 900.0), (0.7, 4.0, 1000.0), (0.6, 3.0, 800.0)), 1):
         run = fake_run("sst2", seed, 0.9, projection="fastfood")
-        run.update(seconds_per_step_median=sec, projection_ms=ms, projection_bytes=1000, peak_rss_mb=rss)
+        run.update(seconds_per_step_median=sec, projection_ms=ms, projection_bytes=165888, peak_rss_mb=rss)
         write_results(tmp_path / f"ff-{seed}", run)
     write_results(tmp_path / "head", dict(fake_run("sst2", 1, 0.8, method="head"), seconds_per_step_median=0.25))
     tg.main(["--table", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| SST-2 | s/step | P ms | P bytes | peak RSS MB |")
-    assert lines[2].endswith("| 90.0 ± 0.0 (3) | 0.6 | 3 | 1000 | 900 |")
+    assert lines[2].endswith("| 90.0 ± 0.0 (3) | 0.6 | 3 | 165,888 | 900 |")
     assert lines[3].endswith("| 80.0 (1) | 0.25 | - | - | - |")
 
 

@@ -960,7 +960,10 @@ COST_COLUMNS = (("s/step", "seconds_per_step_median"), ("P ms", "projection_ms")
 
 def cost(runs, key):
     values = [r[key] for r in runs if r.get(key) is not None]
-    return f"{statistics.median(values):.4g}" if values else "-"
+    if not values:
+        return "-"
+    median = statistics.median(values)
+    return f"{round(median):,}" if all(isinstance(v, int) for v in values) else f"{median:.4g}"
 
 
 def make_table(paths):
