@@ -1611,7 +1611,7 @@ def fraction(text):
 
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json")
-RUN_FILES = ("results.json", "run.json", "adapter.pt", "checkpoint.pt", "predictions.jsonl")
+RUN_FILES = ("results.json", "run.json", "adapter.pt", "checkpoint.pt", "predictions.jsonl", "summary.json")
 
 
 def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:

@@ -707,7 +707,7 @@ def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path, capsys):
     assert summary["best_epoch"] == {str(s): r["best"]["epoch"] for s, r in zip((1, 2), runs)}
     assert json.loads((out / "summary.json").read_text()) == summary
     assert tg.main(["--eval_only", "--load", str(out / "seed-2")]) == runs[1]["last"]["dev"]
-    with pytest.raises(SystemExit, match="already holds a seeds run; pass --overwrite"):
+    with pytest.raises(SystemExit, match="already holds a run; pass --overwrite"):
         run(assets, tmp_path, "--seeds", "3", "--max_steps", "1")
     again, _ = run(assets, tmp_path, "--seeds", "3", "--max_steps", "1", "--overwrite", "--bf16")
     assert again["seeds"] == [3] and sorted(p.name for p in out.iterdir()) == ["seed-3", "summary.json"]

@@ -182,23 +182,10 @@ def remove_if_empty(folders):
             folder.rmdir()
 
 
-def check_output_dir(folder, overwrite):
-    """prepare_output_dir, which also knows a --seeds folder (summary.json and seed-N/ instead of one run)."""
-    folder = Path(folder)
-    if (folder / "summary.json").is_file():
-        if not overwrite:
-            raise SystemExit(f"--output_dir {folder} already holds a seeds run; pass --overwrite to replace it, "
-                             "or pick another --output_dir.")
-        return folder
-    return prepare_output_dir(folder, overwrite=overwrite)
-
-
-
-
 def begin_stage(folder, stage, overwrite):
     """Check the output folder and make an empty stage beside it; returns the folders this created."""
     created = missing_dirs(folder)
-    check_output_dir(folder, overwrite)
+    prepare_output_dir(folder, overwrite=overwrite)
     if stage.exists() and not (stage / ".unilora-partial").exists():
         raise SystemExit(f"{stage} exists and is not ours; move it away or pick another --output_dir.")
     shutil.rmtree(stage, ignore_errors=True)  # left by a killed run of this script
