@@ -187,10 +187,11 @@ def projection_rows(device, name: str, shapes: list, d: int, repeats: int):
         theta.grad = None
 
     idx, plain = projection.idx, theta.detach()
+    theta_D, grad_D = plain.new_empty(D), plain.new_empty(D)  # reused, like ours: no fresh pages to fault in
 
     def floor():  # one gather of D and a split; backward: one cat of the L gradients, one index_add into 2d slots
-        torch.cat([plain, -plain]).index_select(0, idx).split(sizes)
-        plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads]))
+        torch.index_select(torch.cat([plain, -plain]), 0, idx, out=theta_D).split(sizes)
+        plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads], out=grad_D))
 
     # PEFT's formulation (its UniLora layer): per matrix, an int64 column and a float scale per entry, shaped like
     # the matrix, and theta_d[index] * scale with autograd: a gather and a multiply per matrix, and in the backward

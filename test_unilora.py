@@ -531,9 +531,9 @@ def count_projections(adapter):
     projection, calls = adapter.shared.projection, [0]
     forward = projection.forward
 
-    def counted(theta):
+    def counted(theta, **kwargs):
         calls[0] += 1
-        return forward(theta)
+        return forward(theta, **kwargs)
     projection.forward = counted
     return calls
 
@@ -705,6 +705,56 @@ def test_torch_compile_is_exact_and_still_projects_once_per_step(backend):
     finally:
         torch._dynamo.reset()
     assert calls[0] == 2
+
+
+def graph_size(tensor):
+    """The number of autograd nodes behind a tensor."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return len(seen)
+
+
+def test_theta_D_reuses_its_buffer_and_a_graph_from_before_a_recompute_is_refused():
+    model, adapter, ref = adapted_pair(torch.float64)
+    sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    addresses, sizes = set(), set()
+    for step in range(3):  # the same memory every step, and no history chained from step to step
+        loss = model(x).square().mean()
+        A = model.blocks[0].query.lora_factors()[0]
+        addresses.add(A.data_ptr())
+        sizes.add(graph_size(A))
+        loss.backward()
+        sgd.step(), sgd.zero_grad()
+    assert len(addresses) == 1 and len(sizes) == 1
+    ref.theta = adapter.theta_d.detach().clone().requires_grad_()
+    ref_sgd = torch.optim.SGD([ref.theta], lr=0.5)
+
+    # Passes in other grad modes keep their own buffer: a training graph survives an eval pass in between.
+    loss, expected = model(x).square().mean(), ref(x).square().mean()
+    with torch.no_grad():
+        close(model(x), ref(x))
+    with torch.inference_mode():
+        close(model(x), ref(x))
+    loss.backward(), expected.backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
+    sgd.step(), ref_sgd.step()
+    sgd.zero_grad(), ref_sgd.zero_grad()
+
+    # A graph from before theta_D was recomputed saw values that are gone: backpropagating it is an error.
+    old_loss = model(x).square().mean()
+    with torch.no_grad():
+        adapter.theta_d.add_(0.1), ref.theta.add_(0.1)
+    loss, expected = model(x).square().mean(), ref(x).square().mean()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
+        old_loss.backward()
+    adapter.theta_d.grad = None
+    loss.backward(), expected.backward()
+    close(adapter.theta_d.grad, ref.theta.grad)
 
 
 def test_writes_through_data_need_refresh_and_copies_work():

@@ -37,7 +37,10 @@ One projection per forward pass. Every adapted layer holds the same `SharedVecto
 shapes). The first layer that runs computes theta_D = P theta_d (the gather above), splits it once into
 (A_1, B_1, A_2, B_2, ...) and caches these views; every other layer takes its own (A_l, B_l) from the cache.
 The backward therefore gathers the layers' gradients back into one vector of D numbers and runs one scatter-add,
-whatever the number of layers.
+whatever the number of layers. theta_D and that gradient vector are two buffers rewritten in place from pass to
+pass (a fresh D-sized tensor costs a CPU more in page faults than the gather itself); as with any weight that an
+optimizer updates in place, a graph built before theta_D was recomputed can no longer be backpropagated (torch
+raises: the (A, B) it saved were overwritten), while passes in other grad modes keep buffers of their own.
 theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
 no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
 inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
@@ -64,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -108,19 +112,22 @@ def _check_d(D: int, d: int) -> None:
 
 
 class _Gather(torch.autograd.Function):
-    """theta_D = one gather from [Lambda theta_d; -Lambda theta_d]; backward P^T g = one scatter-add into 2d slots."""
+    """theta_D = one gather from [Lambda theta_d; -Lambda theta_d], written into `out`; backward P^T g = one
+    scatter-add into 2d slots."""
 
     @staticmethod
-    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, theta_d: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor, out: torch.Tensor):
         # Plain attributes, not save_for_backward: nothing is freed by a backward, so the cached theta_D can be
         # backpropagated again (gradient accumulation, two losses of one forward).
         ctx.idx, ctx.scale = idx, scale
-        return (theta_d * scale).view(-1).index_select(0, idx)  # scale = [Lambda; -Lambda], 2 x d
+        torch.index_select((theta_d * scale).view(-1), 0, idx, out=out)  # scale = [Lambda; -Lambda], 2 x d
+        ctx.mark_dirty(out)  # `out` is overwritten: autograd must refuse graphs that saved its old values
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         slots = grad.new_zeros(ctx.scale.numel()).index_add_(0, ctx.idx, grad)
-        return (slots.view_as(ctx.scale) * ctx.scale).sum(0), None, None
+        return (slots.view_as(ctx.scale) * ctx.scale).sum(0), None, None, None
 
 
 class IndexProjection(nn.Module):
@@ -150,8 +157,12 @@ class IndexProjection(nn.Module):
                 self._scale = torch.stack([lam, -lam])
         return self._scale
 
-    def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(theta_d, self.idx, self.signed_scale(theta_d.dtype))
+    def forward(self, theta_d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """theta_D, written into the memory of `out` (a buffer of D numbers, reused from pass to pass) when given."""
+        # detach(): the result's history must not chain to the graph that last wrote the buffer (it shares the
+        # buffer's version counter, so that graph still sees the write).
+        out = theta_d.new_empty(self.idx.shape) if out is None else out.detach()
+        return _Gather.apply(theta_d, self.idx, self.signed_scale(theta_d.dtype), out)
 
     def config(self) -> dict:
         return {"kind": self.kind, "normalize": self.normalize}
@@ -177,9 +188,9 @@ class _Split(torch.autograd.Function):
     Python work is set by the block, not by the number of layers, and there is one autograd node in all."""
 
     @staticmethod
-    def forward(ctx, theta_D: torch.Tensor, shapes: list[tuple[int, int]], period: int):
+    def forward(ctx, theta_D: torch.Tensor, shapes: list[tuple[int, int]], period: int, grad_out: torch.Tensor | None):
         blocks, block_sizes = len(shapes) // period, [rows * cols for rows, cols in shapes[:period]]
-        ctx.shapes, ctx.blocks, ctx.block_sizes = shapes, blocks, block_sizes
+        ctx.shapes, ctx.blocks, ctx.block_sizes, ctx.grad_out = shapes, blocks, block_sizes, grad_out
         columns = theta_D.reshape(blocks, -1).split(block_sizes, dim=1)
         by_position = [column.view(blocks, *shape).unbind(0) for column, shape in zip(columns, shapes)]
         return tuple(by_position[j][i] for i in range(blocks) for j in range(period))
@@ -187,10 +198,17 @@ class _Split(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # a layer that did not run gets zeros (materialized by autograd)
         period = len(ctx.block_sizes)
-        grad = grads[0].new_empty(ctx.blocks, sum(ctx.block_sizes))
-        for j, column in enumerate(grad.split(ctx.block_sizes, dim=1)):
+        grad = grads[0].new_empty(ctx.blocks * sum(ctx.block_sizes)) if ctx.grad_out is None else ctx.grad_out
+        for j, column in enumerate(grad.view(ctx.blocks, -1).split(ctx.block_sizes, dim=1)):
             torch.stack(grads[j::period], out=column.view(ctx.blocks, *ctx.shapes[j]))
-        return grad.view(-1), None, None
+        return grad, None, None, None
+
+
+class _Pass:
+    """What one pass computed: the state of theta_d it saw, every layer's (A, B), and the buffers behind them."""
+
+    def __init__(self, state: tuple | None, factors: list, theta_D: torch.Tensor, grad_out: torch.Tensor | None):
+        self.state, self.factors, self.theta_D, self.grad_out = state, factors, theta_D, grad_out
 
 
 class SharedVector(nn.Module):
@@ -205,7 +223,9 @@ class SharedVector(nn.Module):
         # The length of the block of shapes that the layers repeat (see _Split), or all shapes.
         self.period = next(p for p in range(1, len(shapes) + 1)
                            if len(shapes) % p == 0 and shapes == shapes[:p] * (len(shapes) // p))
-        self._cache = {}  # (grad mode, inference mode) -> (state of theta_d, [(A_l, B_l)])
+        self._cache = {}  # (grad mode, inference mode) -> _Pass
+        # A projection that can write theta_D into a given tensor gets one, reused from pass to pass (see _project).
+        self._writes_in_place = "out" in inspect.signature(projection.forward).parameters
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's (A, B): views of one theta_D, recomputed only when theta_d or the grad mode changed."""
@@ -221,13 +241,32 @@ class SharedVector(nn.Module):
         mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         state = (_optimizer_steps[0], theta._version, theta.data_ptr(), theta.device, theta.dtype, theta.requires_grad)
         cached = self._cache.get(mode)
-        if cached is None or cached[0] != state:
-            pieces = _Split.apply(self.projection(theta), self.shapes, self.period)
-            cached = self._cache[mode] = (state, list(zip(pieces[0::2], pieces[1::2])))
-        return cached[1]
+        if cached is None or cached.state != state:
+            cached = self._cache[mode] = self._project(theta, state, cached)
+        return cached.factors
+
+    def _project(self, theta: torch.Tensor, state: tuple, last: _Pass | None) -> _Pass:
+        """theta_D = P theta_d, split into the layers' (A, B).
+
+        On a CPU a fresh tensor of D numbers costs more in page faults than the gather itself, so a projection that
+        can write in place writes theta_D (and _Split the gradient of theta_D) into the last pass's buffers. Like a
+        weight that an optimizer updates in place, the old values are gone: torch refuses to backpropagate a graph
+        from before this pass (its saved (A, B) were overwritten) instead of giving it a wrong gradient.
+        """
+        if not self._writes_in_place:
+            theta_D, grad_out = self.projection(theta), None
+        else:
+            reuse = last is not None and last.theta_D.dtype == theta.dtype and last.theta_D.device == theta.device
+            theta_D = last.theta_D if reuse else theta.new_empty(sum(r * c for r, c in self.shapes))
+            grad_out = last.grad_out if reuse and last.grad_out is not None else \
+                torch.empty_like(theta_D) if torch.is_grad_enabled() and theta.requires_grad else None
+            theta_D = self.projection(theta, out=theta_D)
+        pieces = _Split.apply(theta_D, self.shapes, self.period, grad_out)
+        return _Pass(state, list(zip(pieces[0::2], pieces[1::2])), theta_D, grad_out)
 
     def refresh(self) -> None:
-        self._cache.clear()
+        for cached in self._cache.values():
+            cached.state = None  # stale: recomputed by the next pass, into the same buffers
 
     def __getstate__(self):  # deepcopy and pickle: cached tensors carry an autograd graph, never copy them
         return dict(self.__dict__, _cache={})
