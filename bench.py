@@ -232,7 +232,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, help="timed repeats per row (default 9 steps / 15 projections; "
+    parser.add_argument("--repeats", type=int, help="timed repeats per row (default 9 steps / 25 projections; "
                                                     "--quick: 5 / 7)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats: a first look")
     args = parser.parse_args()
@@ -240,7 +240,7 @@ def main():
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
     step_repeats = args.repeats or (5 if args.quick else 9)
-    projection_repeats = args.repeats or (7 if args.quick else 15)
+    projection_repeats = args.repeats or (7 if args.quick else 25)
     print(f"torch {torch.__version__}, {args.threads} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device")
           + (", --quick" if args.quick else ""))

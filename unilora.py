@@ -180,7 +180,8 @@ def balanced_projection(sizes: list[int], d: int, seed: int, signs: bool) -> Ind
 
 
 class _Split(torch.autograd.Function):
-    """theta_D -> (A_1, B_1, A_2, ...) as views; backward: their gradients written once into one vector of D.
+    """theta_D -> (A_1, B_1, A_2, ...) as views; backward: their gradients written once into one vector of D
+    (`grad_out`, a buffer reused from pass to pass, when given).
 
     Transformer layers repeat one block of shapes (q, k, v, o, ...), `period` shapes long. Seen as (blocks, block
     size), theta_D splits by column into one (blocks, rows, cols) tensor per position in the block, whose rows are
