@@ -718,23 +718,26 @@ def graph_size(tensor):
     return len(seen)
 
 
-def test_theta_D_reuses_its_buffer_and_a_graph_from_before_a_recompute_is_refused():
+def test_theta_D_reuses_its_memory_only_once_the_graph_that_used_it_is_done():
     model, adapter, ref = adapted_pair(torch.float64)
     sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
     x = torch.randn(4, 5, dtype=torch.float64)
+
+    def first_A():
+        return model.blocks[0].query.lora_factors()[0]
+
     addresses, sizes = set(), set()
-    for step in range(3):  # the same memory every step, and no history chained from step to step
+    for step in range(3):  # a training loop: the same memory every step, and no history chained across steps
         loss = model(x).square().mean()
-        A = model.blocks[0].query.lora_factors()[0]
-        addresses.add(A.data_ptr())
-        sizes.add(graph_size(A))
+        addresses.add(first_A().data_ptr())
+        sizes.add(graph_size(first_A()))
         loss.backward()
         sgd.step(), sgd.zero_grad()
     assert len(addresses) == 1 and len(sizes) == 1
     ref.theta = adapter.theta_d.detach().clone().requires_grad_()
     ref_sgd = torch.optim.SGD([ref.theta], lr=0.5)
 
-    # Passes in other grad modes keep their own buffer: a training graph survives an eval pass in between.
+    # Eval passes in between have memory of their own: the training graph keeps its values.
     loss, expected = model(x).square().mean(), ref(x).square().mean()
     with torch.no_grad():
         close(model(x), ref(x))
@@ -745,16 +748,25 @@ def test_theta_D_reuses_its_buffer_and_a_graph_from_before_a_recompute_is_refuse
     sgd.step(), ref_sgd.step()
     sgd.zero_grad(), ref_sgd.zero_grad()
 
-    # A graph from before theta_D was recomputed saw values that are gone: backpropagating it is an error.
-    old_loss = model(x).square().mean()
+    # A graph not backpropagated yet when theta_d changes keeps its values: new memory for the next pass.
+    old_loss, old_expected = model(x).square().mean(), ref(x).square().mean()
+    old_address = first_A().data_ptr()
     with torch.no_grad():
         adapter.theta_d.add_(0.1), ref.theta.add_(0.1)
     loss, expected = model(x).square().mean(), ref(x).square().mean()
-    with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
-        old_loss.backward()
-    adapter.theta_d.grad = None
-    loss.backward(), expected.backward()
+    assert first_A().data_ptr() != old_address
+    ref.theta.grad = None
+    (old_loss + loss).backward(), (old_expected + expected).backward()
     close(adapter.theta_d.grad, ref.theta.grad)
+
+    # Backpropagated, kept, and backpropagated again after a recompute into the same memory: refused, not wrong.
+    sgd.zero_grad()
+    kept = model(x).square().mean()
+    kept.backward(retain_graph=True)
+    sgd.step()
+    model(x).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
+        kept.backward()
 
 
 def test_writes_through_data_need_refresh_and_copies_work():

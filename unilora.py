@@ -38,9 +38,10 @@ shapes). The first layer that runs computes theta_D = P theta_d (the gather abov
 (A_1, B_1, A_2, B_2, ...) and caches these views; every other layer takes its own (A_l, B_l) from the cache.
 The backward therefore gathers the layers' gradients back into one vector of D numbers and runs one scatter-add,
 whatever the number of layers. theta_D and that gradient vector are two buffers rewritten in place from pass to
-pass (a fresh D-sized tensor costs a CPU more in page faults than the gather itself); as with any weight that an
-optimizer updates in place, a graph built before theta_D was recomputed can no longer be backpropagated (torch
-raises: the (A, B) it saved were overwritten), while passes in other grad modes keep buffers of their own.
+pass (a fresh D-sized tensor costs a CPU more in page faults than the gather itself), once the graph that last
+used them has been backpropagated: a graph still waiting for its backward keeps its values. Only a graph
+backpropagated once, kept (retain_graph=True) and backpropagated again after theta_D was recomputed finds them
+overwritten; torch then raises (the (A, B) it saved were modified in place) rather than give a wrong gradient.
 theta_D is recomputed after every torch.optim step and every other in-place write to theta_d (load(), copy_ under
 no_grad: its version counter), when theta_d moves (model.to()), and when the grad mode differs (no_grad,
 inference_mode). Not seen: writes through `theta_d.data` and optimizers outside torch.optim that write without
@@ -181,7 +182,7 @@ def balanced_projection(sizes: list[int], d: int, seed: int, signs: bool) -> Ind
 
 class _Split(torch.autograd.Function):
     """theta_D -> (A_1, B_1, A_2, ...) as views; backward: their gradients written once into one vector of D
-    (`grad_out`, a buffer reused from pass to pass, when given).
+    (the pass's gradient buffer, when it has _Buffers).
 
     Transformer layers repeat one block of shapes (q, k, v, o, ...), `period` shapes long. Seen as (blocks, block
     size), theta_D splits by column into one (blocks, rows, cols) tensor per position in the block, whose rows are
@@ -189,27 +190,43 @@ class _Split(torch.autograd.Function):
     Python work is set by the block, not by the number of layers, and there is one autograd node in all."""
 
     @staticmethod
-    def forward(ctx, theta_D: torch.Tensor, shapes: list[tuple[int, int]], period: int, grad_out: torch.Tensor | None):
+    def forward(ctx, theta_D: torch.Tensor, shapes: list[tuple[int, int]], period: int, buffers: _Buffers | None):
         blocks, block_sizes = len(shapes) // period, [rows * cols for rows, cols in shapes[:period]]
-        ctx.shapes, ctx.blocks, ctx.block_sizes, ctx.grad_out = shapes, blocks, block_sizes, grad_out
+        ctx.shapes, ctx.blocks, ctx.block_sizes, ctx.buffers = shapes, blocks, block_sizes, buffers
         columns = theta_D.reshape(blocks, -1).split(block_sizes, dim=1)
         by_position = [column.view(blocks, *shape).unbind(0) for column, shape in zip(columns, shapes)]
         return tuple(by_position[j][i] for i in range(blocks) for j in range(period))
 
     @staticmethod
     def backward(ctx, *grads):  # a layer that did not run gets zeros (materialized by autograd)
-        period = len(ctx.block_sizes)
-        grad = grads[0].new_empty(ctx.blocks * sum(ctx.block_sizes)) if ctx.grad_out is None else ctx.grad_out
+        period, buffers = len(ctx.block_sizes), ctx.buffers
+        grad = buffers.grad if buffers is not None and buffers.grad is not None else \
+            grads[0].new_empty(ctx.blocks * sum(ctx.block_sizes))
         for j, column in enumerate(grad.view(ctx.blocks, -1).split(ctx.block_sizes, dim=1)):
             torch.stack(grads[j::period], out=column.view(ctx.blocks, *ctx.shapes[j]))
+        if buffers is not None:
+            buffers.backpropagated = True
         return grad, None, None, None
 
 
-class _Pass:
-    """What one pass computed: the state of theta_d it saw, every layer's (A, B), and the buffers behind them."""
+class _Buffers:
+    """The memory behind one pass: theta_D and (in grad mode) its gradient. A later pass writes into the same memory
+    once this pass's graph has been backpropagated, or if it never had one: a graph still waiting for its backward
+    (a second forward first, two losses) keeps its values."""
 
-    def __init__(self, state: tuple | None, factors: list, theta_D: torch.Tensor, grad_out: torch.Tensor | None):
-        self.state, self.factors, self.theta_D, self.grad_out = state, factors, theta_D, grad_out
+    def __init__(self, theta_D: torch.Tensor, grad: torch.Tensor | None):
+        self.theta_D, self.grad, self.backpropagated = theta_D, grad, False
+
+    def reusable_for(self, theta: torch.Tensor) -> bool:
+        graph_done = self.backpropagated or not self.theta_D.requires_grad
+        return graph_done and self.theta_D.dtype == theta.dtype and self.theta_D.device == theta.device
+
+
+class _Pass:
+    """What one pass computed: the state of theta_d it saw, every layer's (A, B), and the memory behind them."""
+
+    def __init__(self, state: tuple | None, pieces: tuple, buffers: _Buffers | None):
+        self.state, self.factors, self.buffers = state, list(zip(pieces[0::2], pieces[1::2])), buffers
 
 
 class SharedVector(nn.Module):
@@ -250,20 +267,19 @@ class SharedVector(nn.Module):
         """theta_D = P theta_d, split into the layers' (A, B).
 
         On a CPU a fresh tensor of D numbers costs more in page faults than the gather itself, so a projection that
-        can write in place writes theta_D (and _Split the gradient of theta_D) into the last pass's buffers. Like a
-        weight that an optimizer updates in place, the old values are gone: torch refuses to backpropagate a graph
-        from before this pass (its saved (A, B) were overwritten) instead of giving it a wrong gradient.
+        can write in place writes theta_D (and _Split its gradient) into the memory of the last pass in this grad
+        mode when that is free (see _Buffers), and into new memory otherwise.
         """
         if not self._writes_in_place:
-            theta_D, grad_out = self.projection(theta), None
+            return _Pass(state, _Split.apply(self.projection(theta), self.shapes, self.period, None), None)
+        if last is not None and last.buffers.reusable_for(theta):
+            theta_D, grad = last.buffers.theta_D, last.buffers.grad
         else:
-            reuse = last is not None and last.theta_D.dtype == theta.dtype and last.theta_D.device == theta.device
-            theta_D = last.theta_D if reuse else theta.new_empty(sum(r * c for r, c in self.shapes))
-            grad_out = last.grad_out if reuse and last.grad_out is not None else \
-                torch.empty_like(theta_D) if torch.is_grad_enabled() and theta.requires_grad else None
-            theta_D = self.projection(theta, out=theta_D)
-        pieces = _Split.apply(theta_D, self.shapes, self.period, grad_out)
-        return _Pass(state, list(zip(pieces[0::2], pieces[1::2])), theta_D, grad_out)
+            theta_D, grad = theta.new_empty(sum(rows * cols for rows, cols in self.shapes)), None
+        if grad is None and torch.is_grad_enabled() and theta.requires_grad:
+            grad = torch.empty_like(theta_D)
+        buffers = _Buffers(self.projection(theta, out=theta_D), grad)
+        return _Pass(state, _Split.apply(buffers.theta_D, self.shapes, self.period, buffers), buffers)
 
     def refresh(self) -> None:
         for cached in self._cache.values():
