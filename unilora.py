@@ -283,7 +283,7 @@ class SharedVector(nn.Module):
 
     def refresh(self) -> None:
         for cached in self._cache.values():
-            cached.state = None  # stale: recomputed by the next pass, into the same buffers
+            cached.state = None  # stale: recomputed by the next pass (into the same memory, once free)
 
     def __getstate__(self):  # deepcopy and pickle: cached tensors carry an autograd graph, never copy them
         return dict(self.__dict__, _cache={})
