@@ -538,6 +538,19 @@ def count_projections(adapter):
     return calls
 
 
+def step_side_by_side(model, theta, ref, x, optimizers=()):
+    """One training step of ours and of the reference on x: equal outputs, equal gradients of theta_d, then every
+    optimizer in `optimizers` steps and zeroes its gradients."""
+    out, expected = model(x), ref(x)
+    close(out, expected)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    close(theta.grad, ref.theta.grad)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -548,12 +561,7 @@ def test_one_projection_per_pass_and_gradient_accumulation_are_exact(dtype, targ
     assert adapter.shared.period == (18 if targets is None else 8)  # 8 = (A, B) of the 4 layers of one block
     calls = count_projections(adapter)
     for _ in range(3):  # three micro-batches accumulate into one gradient
-        x = torch.randn(4, 5, dtype=dtype)
-        out, expected = model(x), ref(x)
-        close(out, expected)
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        close(adapter.theta_d.grad, ref.theta.grad)
+        step_side_by_side(model, adapter.theta_d, ref, torch.randn(4, 5, dtype=dtype))
     assert calls[0] == 1  # all layers, three forwards and backwards, one projection: theta_d never changed
 
 
@@ -604,14 +612,7 @@ def test_a_forward_after_optimizer_step_never_sees_a_stale_theta_D(optimizer):
     ours, theirs = OPTIMIZERS[optimizer](adapter.parameters()), OPTIMIZERS[optimizer]([ref.theta])
     calls = count_projections(adapter)
     for step in range(3):
-        x = torch.randn(4, 5, dtype=torch.float64)
-        out, expected = model(x), ref(x)
-        close(out, expected)
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        close(adapter.theta_d.grad, ref.theta.grad)
-        ours.step(), theirs.step()
-        ours.zero_grad(), theirs.zero_grad()
+        step_side_by_side(model, adapter.theta_d, ref, torch.randn(4, 5, dtype=torch.float64), (ours, theirs))
     close(adapter.theta_d.detach(), ref.theta.detach())
     assert calls[0] == 3
 
@@ -676,14 +677,7 @@ def test_activation_checkpointing_recomputes_the_same_theta_D(reentrant):
         model.blocks[i] = Checkpointed(block, reentrant)
     sgd, ref_sgd = torch.optim.SGD([theta], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
     for step in range(2):
-        x = torch.randn(4, 5, dtype=torch.float64)
-        out, expected = model(x), ref(x)
-        close(out, expected)
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        close(theta.grad, ref.theta.grad)
-        sgd.step(), ref_sgd.step()
-        sgd.zero_grad(), ref_sgd.zero_grad()
+        step_side_by_side(model, theta, ref, torch.randn(4, 5, dtype=torch.float64), (sgd, ref_sgd))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager also traces the backward, as inductor
@@ -694,14 +688,7 @@ def test_torch_compile_is_exact_and_still_projects_once_per_step(backend):
     sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
     try:
         for step in range(2):
-            x = torch.randn(4, 5, dtype=torch.float64)
-            out, expected = compiled(x), ref(x)
-            close(out, expected)
-            out.square().mean().backward()
-            expected.square().mean().backward()
-            close(adapter.theta_d.grad, ref.theta.grad)
-            sgd.step(), ref_sgd.step()
-            sgd.zero_grad(), ref_sgd.zero_grad()
+            step_side_by_side(compiled, adapter.theta_d, ref, torch.randn(4, 5, dtype=torch.float64), (sgd, ref_sgd))
     finally:
         torch._dynamo.reset()
     assert calls[0] == 2
@@ -720,7 +707,7 @@ def graph_size(tensor):
 
 def test_theta_D_reuses_its_memory_only_once_the_graph_that_used_it_is_done():
     model, adapter, ref = adapted_pair(torch.float64)
-    sgd, ref_sgd = torch.optim.SGD([adapter.theta_d], lr=0.5), torch.optim.SGD([ref.theta], lr=0.5)
+    sgd = torch.optim.SGD([adapter.theta_d], lr=0.5)
     x = torch.randn(4, 5, dtype=torch.float64)
 
     def first_A():
