@@ -200,8 +200,8 @@ class _Split(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # a layer that did not run gets zeros (materialized by autograd)
         period, buffers = len(ctx.block_sizes), ctx.buffers
-        grad = buffers.grad if buffers is not None and buffers.grad is not None else \
-            grads[0].new_empty(ctx.blocks * sum(ctx.block_sizes))
+        # A pass with _Buffers that has a backward was made in grad mode, so it has a gradient buffer.
+        grad = grads[0].new_empty(ctx.blocks * sum(ctx.block_sizes)) if buffers is None else buffers.grad
         for j, column in enumerate(grad.view(ctx.blocks, -1).split(ctx.block_sizes, dim=1)):
             torch.stack(grads[j::period], out=column.view(ctx.blocks, *ctx.shapes[j]))
         if buffers is not None:
@@ -212,7 +212,8 @@ class _Split(torch.autograd.Function):
 class _Buffers:
     """The memory behind one pass: theta_D and (in grad mode) its gradient. A later pass writes into the same memory
     once this pass's graph has been backpropagated, or if it never had one: a graph still waiting for its backward
-    (a second forward first, two losses) keeps its values."""
+    (a second forward first, two losses) keeps its values. Apart from _Pass so that _Split's node, which marks it
+    backpropagated, holds no reference back to the views it made (no reference cycle through autograd)."""
 
     def __init__(self, theta_D: torch.Tensor, grad: torch.Tensor | None):
         self.theta_D, self.grad, self.backpropagated = theta_D, grad, False
