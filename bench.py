@@ -40,8 +40,9 @@ from pretrained import CausalLM, Encoder
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
                     rope_theta=100000.0, max_position_embeddings=8192, hidden_act="silu", tie_word_embeddings=True)
-MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8)
+# Only its layer shapes are used (the projection rows): the dimensions are Mistral-7B's, the rest is irrelevant.
+MISTRAL_7B = dict(SMOLLM2_135M, vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
 ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
                 "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1,
@@ -150,12 +151,13 @@ def roberta_step_row(device, quick: bool, repeats: int):
 # ---------------------------------------------------------------------------------------- the projection
 
 
-def llama_shapes(c: dict, r: int = 4) -> list[tuple[int, int]]:
-    """(A, B) shapes of every linear layer of a Llama model, in model order: q, k, v, o, gate, up, down."""
-    H, I, head = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
-    layer = [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)]
-    return [s for _ in range(c["num_hidden_layers"]) for n_in, n_out in layer for s in ((r, n_in), (n_out, r))]
+def adapted_shapes(config: dict, r: int = 4) -> list[tuple[int, int]]:
+    """(A, B) shapes of the layers apply_unilora adapts by default in a CausalLM of this config, in theta_D's order:
+    the model's own layer list, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    layers = [model.get_submodule(name) for name in unilora.find_targets(model, None)]
+    return [shape for m in layers for shape in ((r, m.in_features), (m.out_features, r))]
 
 
 class LayersBackward(torch.autograd.Function):
@@ -248,9 +250,9 @@ def main():
     start = time.time()
     for device in devices:
         llama_step_rows(device, args.quick, step_repeats)
-        bytes_ours, bytes_peft = projection_rows(device, "SmolLM2-135M", llama_shapes(SMOLLM2_135M), 65536,
+        bytes_ours, bytes_peft = projection_rows(device, "SmolLM2-135M", adapted_shapes(SMOLLM2_135M), 65536,
                                                  projection_repeats)
-        projection_rows(device, "Mistral-7B", llama_shapes(MISTRAL_7B), 524288, projection_repeats)
+        projection_rows(device, "Mistral-7B", adapted_shapes(MISTRAL_7B), 524288, projection_repeats)
         roberta_step_row(device, args.quick, step_repeats)
     row("any", "projection state per LoRA entry", f"{bytes_ours} bytes (int32 signed index)",
         f"{bytes_peft} bytes (int64 index + fp32 scale)", bytes_ours / bytes_peft, 8 / bytes_peft, "smaller", "larger")
