@@ -354,7 +354,7 @@ def download(url: str, dest, *, token=None, timeout: float = 60.0) -> Path:
                                   "told apart from a complete one; refusing it. Fetch the file another way and pass "
                                   "its local path.")
         _remember_etag(resp, tag)
-        _receive(resp, part, tag, start, size, url, dest.name)
+        _receive(resp, part, start, size, url, dest.name)
     _verify(part, tag, size, sha256, url)
     os.replace(part, dest)
     tag.unlink(missing_ok=True)
@@ -447,7 +447,7 @@ def _remember_etag(resp, tag: Path):
         tag.unlink(missing_ok=True)
 
 
-def _receive(resp, part: Path, tag: Path, start, size, url, label):
+def _receive(resp, part: Path, start, size, url, label):
     try:
         with open(part, "ab" if start else "wb") as f, tqdm(total=size, initial=start, unit="B", unit_scale=True,
                                                             unit_divisor=1024, desc=label, disable=None) as bar:
@@ -1102,8 +1102,9 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
+        data = read_json(path, "tokenizer.json")
         try:
-            return cls(json.loads(Path(path).read_text(encoding="utf-8")))
+            return cls(data)
         except ValueError as e:  # name the file in errors about its contents
             raise ValueError(f"{e} in {path}") from None
 
@@ -1570,8 +1571,8 @@ class CausalLM(nn.Module):
         folder = resolve(name_or_path)
         config = load_config(folder)
         require_config(config, folder, DECODER_SIZES, ("rms_norm_eps",))
+        model = build_on_meta(cls, config, folder)  # an unsupported config is reported before any weights are read
         sd = load_state_dict(folder)
-        model = build_on_meta(cls, config, folder)
         if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
             if sd["lm_head.weight"] is None:
@@ -1643,19 +1644,19 @@ def new_eval_dir(run_dir) -> Path:
     return run_dir / f"eval-{n}"
 
 
-def _finite_or_none(obj):
+def finite_or_none(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
 def write_json(path, obj) -> None:
     """Atomic, and always valid JSON: a non-finite float is written as null (JSON has no NaN)."""
-    text = json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -1822,7 +1823,7 @@ def save_peft_lora(adapter, folder, *, base_model_name_or_path=None, prefix="bas
                    "base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
                    "inference_mode": True, "use_rslora": False,
                    "modules_to_save": [target_name(h).removeprefix(prefix) for h in heads] or None}
-    atomic_write(folder / "adapter_config.json", lambda f: f.write(json.dumps(peft_config, indent=2).encode()))
+    write_json(folder / "adapter_config.json", peft_config)
     return folder
 
 

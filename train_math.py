@@ -49,7 +49,7 @@ from tqdm import tqdm
 import unilora
 from projections import PROJECTIONS
 from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
-                        download, fraction, gather_shares, hub_endpoint, hub_token, main_first, my_share,
+                        download, finite_or_none, fraction, gather_shares, hub_endpoint, hub_token, main_first, my_share,
                         new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
                         prepare_output_dir, resolve, start_data_parallel, stop_data_parallel, sum_gradients, summed,
                         write_json)
@@ -285,11 +285,6 @@ def check_flag_combinations(args):
 # ----------------------------------------------------------------------------------------------------------
 # Data: read (question, solution) pairs, with errors that say which file and line is bad.
 
-def same_host(url, other):
-    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
-    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
-
-
 def fetch(source, split, data_dir, token):
     """Turn --train_data/--eval_data into a local file, downloading it once into data_dir.  The hub token goes
     to the hub endpoint only: GSM8K, MATH and other URLs never see it."""
@@ -314,7 +309,7 @@ def fetch(source, split, data_dir, token):
     if not dest.is_file():
         print(f"downloading {url} -> {dest}")
         try:
-            download(url, dest, token=hub_token(token) if same_host(url, hub_endpoint()) else None)
+            download(url, dest, token=hub_token(token))  # download() sends it to the hub only
         except Exception as e:  # network, 404, auth: all need the same advice
             raise UserError(f"could not download {url} ({e}); without network, pass a local file instead "
                             f"(e.g. --eval_data ~/.cache/unilora-assets/gsm8k/test.jsonl)") from e
@@ -742,9 +737,9 @@ def set_up_device(args):
 def load_model(args, device):
     try:
         model_dir = resolve(args.model, token=args.hf_token)
-        config = json.loads((Path(model_dir) / "config.json").read_text())
         tok = Tokenizer.from_pretrained(model_dir)
         model = CausalLM.from_pretrained(model_dir, dtype=PRECISION[args.dtype]).to(device)
+        config = model.config
     except (OSError, ValueError) as e:  # not found, gated, offline, unsupported architecture
         raise UserError(f"--model {args.model}: {e}") from e
     for prm in model.parameters():
@@ -869,10 +864,6 @@ def at_least_fp32(logits):
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def finite_or_none(x):
-    return x if math.isfinite(x) else None
-
-
 def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, scaler, run_config, before, ranks):
     """AdamW on the adapter with warmup + cosine; atomic checkpoints; exact resume.  Returns the summary.  A
     non-finite loss raises NonFiniteLoss before anything of that step is saved.
@@ -965,7 +956,7 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
             scaler.step(opt)  # fp16: skipped when a gradient overflowed, and the scale shrinks
             scaler.update()
             skipped = scaler.get_scale() < scale
-            if not all(bool(torch.isfinite(x).all()) for x in params):
+            if not bool(torch.stack([torch.isfinite(x).all() for x in params]).all()):  # one sync, not one per tensor
                 raise NonFiniteLoss(f"the adapter became non-finite at step {s + 1}: training diverged and was "
                                     f"stopped; nothing of this step was saved. Lower --lr (now {args.lr}).")
             if not skipped:
