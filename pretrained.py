@@ -1604,6 +1604,15 @@ positive_float = _number(float, 0.0, False, "a finite number > 0")
 nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
 
 
+def device_name(text):
+    """--device: "auto" (cuda when present, else cpu) or a torch device name."""
+    try:
+        text == "auto" or torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)") from None
+    return text
+
+
 def fraction(text):
     value = nonnegative_float(text)
     if value >= 1:
@@ -1686,8 +1695,18 @@ class Ranks:
         return self.rank == 0
 
 
-def start_data_parallel(device: str) -> Ranks:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA, one GPU per copy)."""
+def start_data_parallel(device: str | None = "auto") -> Ranks:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA, one GPU per copy). device: a
+    torch device name, or "auto"/None: cuda when present, else cpu. Not a device name, or a CUDA device on a
+    machine without one: ValueError."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:  # not a device name
+        raise ValueError(f"--device {device}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
     if "WORLD_SIZE" not in os.environ:
         return Ranks(device=device)
     import torch.distributed as dist

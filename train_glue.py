@@ -74,11 +74,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, copy_from_main, download,
-                        fraction, gather_shares, load_config, load_safetensors, main_first, my_share, new_eval_dir,
-                        nonnegative_float, nonnegative_int, pad, positive_float, positive_int, prepare_output_dir,
-                        resolve, save_safetensors, start_data_parallel, stop_data_parallel, sum_gradients, summed,
-                        write_json)
+from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, copy_from_main, device_name,
+                        download, fraction, gather_shares, load_config, load_safetensors, main_first, my_share,
+                        new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
+                        prepare_output_dir, resolve, save_safetensors, start_data_parallel, stop_data_parallel,
+                        sum_gradients, summed, write_json)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 
@@ -570,13 +570,6 @@ def size_preset(model_config):
     return "large" if large else "base"
 
 
-def pick_device(name):
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    return name
-
-
 def fit_max_length(cfg, model_config):
     limit = model_config.get("max_position_embeddings", 512)
     if "roberta" in model_config.get("model_type", ""):
@@ -1004,14 +997,6 @@ def seed_list(text):
     return seeds
 
 
-def device_name(text):
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    return text
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 usage="%(prog)s --task TASK [flags] | --eval_only --load DIR | --table DIR... (-h)",
@@ -1048,7 +1033,7 @@ def parse_args(argv):
     p.add_argument("--max_eval_samples", type=positive_int, help="use the first N examples of each dev file")
     p.add_argument("--seed", type=nonnegative_int, help=f"default {d['seed']}, as the official scripts")
     p.add_argument("--seeds", type=seed_list, help="e.g. 1,2,3,4,5: one run per seed in DIR/seed-N + summary.json")
-    p.add_argument("--device", type=device_name, help="default cuda if available, else cpu")
+    p.add_argument("--device", type=device_name, help="auto | cpu | cuda | cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default off: fp32)")
     p.add_argument("--eval_only", action="store_true", help="score the run saved in --load")
@@ -1151,7 +1136,10 @@ def main(argv=None):
                 return print(make_table(args.table))
             if args.threads:
                 torch.set_num_threads(args.threads)
-            ranks = start_data_parallel(pick_device(args.device))  # a plain `python` run: nothing distributed
+            try:
+                ranks = start_data_parallel(args.device)  # a plain `python` run: nothing distributed
+            except ValueError as e:  # no CUDA device
+                raise UserError(str(e)) from None
             result = evaluate_saved(args, ranks) if args.eval_only else train(args, ranks)
         except (UserError, NonFiniteLoss) as e:  # raised on every copy alike, or (main_first) on rank 0 alone
             raise SystemExit(1 if quiet else f"error: {e}") from None

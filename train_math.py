@@ -49,10 +49,10 @@ from tqdm import tqdm
 import unilora
 from projections import PROJECTIONS
 from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
-                        download, finite_or_none, fraction, gather_shares, hub_endpoint, hub_token, main_first, my_share,
-                        new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
-                        prepare_output_dir, resolve, start_data_parallel, stop_data_parallel, sum_gradients, summed,
-                        write_json)
+                        download, finite_or_none, fraction, gather_shares, hub_endpoint, hub_token,
+                        main_first, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float,
+                        positive_int, prepare_output_dir, resolve, start_data_parallel, stop_data_parallel,
+                        sum_gradients, summed, write_json)
 
 
 class UserError(Exception):
@@ -705,13 +705,9 @@ def set_up_device(args):
     """Device, resolved --dtype/--amp, the autocast context, the gradient scaler (fp16 only) and the copies (ranks)
     when torchrun started several: each copy then uses its own GPU (cuda:LOCAL_RANK), and only the main one prints."""
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-    except RuntimeError as e:
-        raise UserError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
-    ranks = start_data_parallel(str(device))
+        ranks = start_data_parallel(args.device)
+    except ValueError as e:  # not a device name, or no CUDA device
+        raise UserError(str(e)) from None
     device = torch.device(ranks.device)
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")  # one copy prints the run; errors (stderr) still show from every copy
