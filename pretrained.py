@@ -482,6 +482,22 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
+def missing_dirs(path) -> list[Path]:
+    """path and its ancestors that do not exist yet, outermost first: what mkdir(parents=True) would create."""
+    path, out = Path(path).absolute(), []
+    while not path.exists():
+        out.insert(0, path)
+        path = path.parent
+    return out
+
+
+def remove_if_empty(folders) -> None:
+    """Remove those of `folders` (outermost first, as missing_dirs gives them) that are empty, innermost first."""
+    for folder in reversed(folders):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None, token=None) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded once into the cache and reused offline.
 
@@ -500,6 +516,7 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
         check_file_name(filename, "resolve(files=...)")
     folder = cache_root(cache_dir) / repo.replace("/", "--") / revision.replace("/", "--")
     token = hub_token(token)
+    created = missing_dirs(folder)  # a failed first download leaves no empty cache folders behind
 
     def fetch(filename, optional=False):
         url = f"{hub_endpoint()}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"
@@ -533,7 +550,10 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
             for filename in OPTIONAL_FILES:
                 fetch(filename, optional=True)
             (folder / ".complete").touch()
-    except ConnectionError as e:
+    except BaseException as e:
+        remove_if_empty(created)
+        if not isinstance(e, ConnectionError):
+            raise
         raise ConnectionError(f"{e}\nIf the hub is unreachable: the cache {folder} has no complete copy of {repo}. "
                               "Without network, copy the model files (config.json, model.safetensors, tokenizer.json, "
                               "...) into a folder and pass its path instead of the repo id, e.g. "

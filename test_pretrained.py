@@ -876,6 +876,10 @@ def test_resolve_errors_name_the_problem_and_the_fix(hub, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(ConnectionError, match="unreachable.*pass its path instead of the repo id"):
         P.Encoder.from_pretrained("org/never-downloaded")
+    cache = tmp_path / "fresh-cache"
+    with pytest.raises(ConnectionError):
+        P.resolve("org/never-downloaded", cache_dir=cache)
+    assert not cache.exists()  # the folders a failed first download made are gone again
 
 # ------------------------------------------------------------------------------------ hostile files
 

@@ -74,11 +74,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import (Encoder, NonFiniteLoss, Tokenizer, cache_root, check_finite, copy_from_main, device_name,
-                        download, fraction, gather_shares, load_config, load_safetensors, main_first, my_share,
+from pretrained import (Encoder, NonFiniteLoss, Tokenizer, check_finite, copy_from_main, device_name, download,
+                        fraction, gather_shares, load_config, load_safetensors, main_first, missing_dirs, my_share,
                         new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
-                        prepare_output_dir, resolve, save_safetensors, start_data_parallel, stop_data_parallel,
-                        sum_gradients, summed, write_json)
+                        prepare_output_dir, remove_if_empty, resolve, save_safetensors, start_data_parallel,
+                        stop_data_parallel, sum_gradients, summed, write_json)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 
@@ -165,21 +165,6 @@ class DataError(UserError, ValueError):
 
 # -----------------------------------------------------------------------------
 # Folders: a run appears only when complete, and a failure removes exactly what it created.
-
-
-def missing_dirs(path):
-    """path and its ancestors that do not exist yet, outermost first: what mkdir(parents=True) would create."""
-    path, out = Path(path).absolute(), []
-    while not path.exists():
-        out.insert(0, path)
-        path = path.parent
-    return out
-
-
-def remove_if_empty(folders):
-    for folder in reversed(folders):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 def begin_stage(folder, stage, overwrite):
@@ -612,17 +597,12 @@ def print_config(cfg, from_recipe, model_config):
 
 
 def fetch_model(name):
-    """The model folder and its config; a failed download leaves no empty cache folder it made behind."""
+    """The model folder and its config (resolve() leaves no empty cache folder behind when a download fails)."""
     local = Path(name).expanduser()
     if not local.is_dir():
-        root = cache_root()
-        created, before = missing_dirs(root), set(subfolders(root))
         try:
             local = resolve(name)
         except (OSError, ValueError) as e:
-            for folder in sorted(set(subfolders(root)) - before, key=lambda p: len(p.parts), reverse=True):
-                remove_if_empty([folder])
-            remove_if_empty(created)
             hint = ("without network, pass --model with a local folder (config.json, model.safetensors, "
                     "tokenizer.json)" if isinstance(e, ConnectionError) else
                     "pass a hub id or a local folder holding config.json, the weights and tokenizer.json")
@@ -631,11 +611,6 @@ def fetch_model(name):
         return local, load_config(local)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: {e}") from None
-
-
-def subfolders(root):
-    """The folders resolve() may create in the hub cache: <root>/<repo>/<revision>."""
-    return [p for pattern in ("*", "*/*") for p in Path(root).glob(pattern) if p.is_dir()]
 
 
 def build_model(cfg, model_dir, load=None):
@@ -725,8 +700,6 @@ def make_optimizer(model, adapter, cfg, n_train):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total
-
-
 
 
 def train_step(model, optimizer, scheduler, train_set, index, cfg, pad_id, step, ranks):
