@@ -26,6 +26,7 @@ results.json, predictions.jsonl.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -903,10 +904,13 @@ def train_adapter(args, model, adapter, train, ckpt, run_dir, device, autocast, 
 
     # Data order: epoch e visits the examples in default_rng([seed, e]).permutation(n).  It depends only on
     # (seed, epoch), so a resumed run recomputes exactly the batches it had not yet seen from the step.
+    @functools.lru_cache(maxsize=1)  # once per epoch, not per step (7.5 ms for MetaMathQA's 395K examples)
+    def epoch_order(epoch):
+        return np.random.default_rng([args.seed, epoch]).permutation(len(train))
+
     def batch_indices(s):
         epoch, k = divmod(s, steps_per_epoch)
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
-        return order[k * args.batch_size:(k + 1) * args.batch_size]
+        return epoch_order(epoch)[k * args.batch_size:(k + 1) * args.batch_size]
 
     def save_checkpoint(s):
         adapter.save(str(run_dir / "adapter.pt"), overwrite=True)
