@@ -23,6 +23,7 @@ else $HF_HUB_CACHE/unilora, else $HF_HOME/unilora, else ~/.cache/huggingface/uni
 once every file of a default fetch is in place, so later calls need no network at all.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -1738,11 +1739,24 @@ def start_data_parallel(device: str | None = "auto") -> Ranks:
     return Ranks(rank, world, device)
 
 
-def stop_data_parallel(ranks: Ranks) -> None:
+def stop_data_parallel(ranks: Ranks, failed: bool = False) -> None:
+    """Leave the process group: after a barrier, or at once when this copy failed (the others may be gone)."""
     if ranks.world > 1:
         import torch.distributed as dist
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def data_parallel_until_done(ranks: Ranks):
+    """The block runs inside the process group; the group is left however the block ends."""
+    try:
+        yield ranks
+    except BaseException:
+        stop_data_parallel(ranks, failed=True)  # torchrun then stops the other copies
+        raise
+    stop_data_parallel(ranks)
 
 
 def my_share(rows: list, ranks: Ranks) -> list:

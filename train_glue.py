@@ -74,11 +74,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import (Encoder, NonFiniteLoss, Tokenizer, check_finite, copy_from_main, device_name, download,
-                        fraction, gather_shares, load_config, load_safetensors, main_first, missing_dirs, my_share,
-                        new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float, positive_int,
-                        prepare_output_dir, remove_if_empty, resolve, save_safetensors, start_data_parallel,
-                        stop_data_parallel, sum_gradients, summed, write_json)
+from pretrained import (Encoder, NonFiniteLoss, Tokenizer, check_finite, copy_from_main, data_parallel_until_done,
+                        device_name, download, fraction, gather_shares, load_config, load_safetensors, main_first,
+                        missing_dirs, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float,
+                        positive_int, prepare_output_dir, remove_if_empty, resolve, save_safetensors,
+                        start_data_parallel, sum_gradients, summed, write_json)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 
@@ -1113,11 +1113,10 @@ def main(argv=None):
                 ranks = start_data_parallel(args.device)  # a plain `python` run: nothing distributed
             except ValueError as e:  # no CUDA device
                 raise UserError(str(e)) from None
-            result = evaluate_saved(args, ranks) if args.eval_only else train(args, ranks)
+            with data_parallel_until_done(ranks):
+                return evaluate_saved(args, ranks) if args.eval_only else train(args, ranks)
         except (UserError, NonFiniteLoss) as e:  # raised on every copy alike, or (main_first) on rank 0 alone
             raise SystemExit(1 if quiet else f"error: {e}") from None
-        stop_data_parallel(ranks)
-        return result
 
 
 if __name__ == "__main__":

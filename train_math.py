@@ -43,17 +43,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import unilora
 from projections import PROJECTIONS
 from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
-                        download, finite_or_none, fraction, gather_shares, hub_endpoint, hub_token,
-                        main_first, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float,
-                        positive_int, prepare_output_dir, resolve, start_data_parallel, stop_data_parallel,
-                        sum_gradients, summed, write_json)
+                        data_parallel_until_done, download, finite_or_none, fraction, gather_shares, hub_endpoint,
+                        hub_token, main_first, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad,
+                        positive_float, positive_int, prepare_output_dir, resolve, start_data_parallel, sum_gradients,
+                        summed, write_json)
 
 
 class UserError(Exception):
@@ -1131,14 +1130,8 @@ def protocol_record(args):
 def main(argv=None):
     args = parse_args(argv)  # every copy checks the flags alike, so a user error stops them all
     device, autocast, scaler, ranks = set_up_device(args)
-    try:
-        results = train_and_evaluate(args, ranks, device, autocast, scaler)
-    except BaseException:
-        if ranks.world > 1:
-            dist.destroy_process_group()  # no barrier: another copy may be gone (torchrun then stops the rest)
-        raise
-    stop_data_parallel(ranks)
-    return results
+    with data_parallel_until_done(ranks):
+        return train_and_evaluate(args, ranks, device, autocast, scaler)
 
 
 def train_and_evaluate(args, ranks, device, autocast, scaler):
