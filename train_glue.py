@@ -74,11 +74,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import (Encoder, NonFiniteLoss, Tokenizer, check_finite, copy_from_main, data_parallel_until_done,
-                        device_name, download, fraction, gather_shares, load_config, load_safetensors, main_first,
-                        missing_dirs, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad, positive_float,
-                        positive_int, prepare_output_dir, remove_if_empty, resolve, save_safetensors,
-                        start_data_parallel, sum_gradients, summed, write_json)
+from pretrained.encoder import Encoder
+from pretrained.files import load_config, load_safetensors, save_safetensors, write_json
+from pretrained.hub import download, missing_dirs, remove_if_empty, resolve
+from pretrained.tokenizer import Tokenizer, pad
+from recipes.training import (NonFiniteLoss, check_finite, copy_from_main, data_parallel_until_done, device_name,
+                              fraction, gather_shares, main_first, my_share, new_eval_dir, nonnegative_float,
+                              nonnegative_int, positive_float, positive_int, prepare_output_dir, start_data_parallel,
+                              sum_gradients, summed)
 from projections import PROJECTIONS
 from unilora import apply_lora, apply_unilora, load_unilora
 

@@ -48,11 +48,14 @@ from tqdm import tqdm
 
 import unilora
 from projections import PROJECTIONS
-from pretrained import (CausalLM, KVCache, NonFiniteLoss, Tokenizer, atomic_write, check_finite, copy_from_main,
-                        data_parallel_until_done, download, finite_or_none, fraction, gather_shares, hub_endpoint,
-                        hub_token, main_first, my_share, new_eval_dir, nonnegative_float, nonnegative_int, pad,
-                        positive_float, positive_int, prepare_output_dir, resolve, start_data_parallel, sum_gradients,
-                        summed, write_json)
+from pretrained.decoder import CausalLM, KVCache
+from pretrained.files import atomic_write, finite_or_none, write_json
+from pretrained.hub import download, hub_endpoint, hub_token, resolve
+from pretrained.tokenizer import Tokenizer, pad
+from recipes.training import (NonFiniteLoss, check_finite, copy_from_main, data_parallel_until_done, fraction,
+                              gather_shares, main_first, my_share, new_eval_dir, nonnegative_float, nonnegative_int,
+                              positive_float, positive_int, prepare_output_dir, start_data_parallel, sum_gradients,
+                              summed)
 
 
 class UserError(Exception):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pretrained import Encoding, Tokenizer
+from pretrained.tokenizer import Encoding, Tokenizer, pad
 
 
 def make(tmp_path, model, name="tokenizer.json", **parts):
@@ -314,3 +314,9 @@ def test_bad_split_behavior_and_regex_class_are_named(tmp_path):
     with pytest.raises(ValueError, match="Han"):
         make(tmp_path, model, pre_tokenizer={"type": "Split", "pattern": {"Regex": r"\p{Han}+"},
                                              "behavior": "Isolated", "invert": False})
+
+
+def test_pad_right_and_left():
+    rows = [[5, 6, 7], [8], []]
+    assert pad(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert pad(rows, -100, left=True).tolist() == [[5, 6, 7], [-100, -100, 8], [-100, -100, -100]]

@@ -28,7 +28,7 @@ import train_math
 from train_math import (NonFiniteLoss, UserError, cut_at_stop, extract_answer, last_boxed, main, math_equal,
                         official_gsm8k_answer, official_math_answer, same_number, to_metamath_format)
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
           "system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"

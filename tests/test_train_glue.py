@@ -24,7 +24,7 @@ import torch
 import train_glue as tg
 from pretrained import save_safetensors
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- tiny checkpoints
 

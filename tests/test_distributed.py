@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import pretrained as P
+from recipes import training
 
 
 def free_port() -> int:
@@ -20,13 +20,13 @@ def as_torchrun_copy(rank, world, port, fn, out, *args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ranks = P.start_data_parallel("cpu")
+    ranks = training.start_data_parallel("cpu")
     try:
         result = fn(ranks, *args)
         if ranks.main:
             torch.save(result, out)
     finally:
-        P.stop_data_parallel(ranks)
+        training.stop_data_parallel(ranks)
 
 
 def run_copies(world, fn, tmp_path, *args):
@@ -40,13 +40,13 @@ def gradient_of_one_step(ranks, x, y, seed):
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], 1).double()
     params = list(model.parameters())
-    P.copy_from_main(params, ranks)
-    rows = P.my_share(list(range(len(x))), ranks)
+    training.copy_from_main(params, ranks)
+    rows = training.my_share(list(range(len(x))), ranks)
     if rows:
         loss = ((model(x[rows]).squeeze(1) - y[rows]) ** 2).sum() / len(x)
         loss.backward()
-    P.sum_gradients(params, ranks)
-    order = P.gather_shares([f"row{i}" for i in rows], ranks)
+    training.sum_gradients(params, ranks)
+    order = training.gather_shares([f"row{i}" for i in rows], ranks)
     return {"grads": [p.grad for p in params], "order": order}
 
 
@@ -54,7 +54,7 @@ def gradient_of_one_step(ranks, x, y, seed):
 def test_two_copies_sum_to_the_one_process_gradient(tmp_path, n_rows):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n_rows, 3, generator=g, dtype=torch.float64), torch.randn(n_rows, generator=g, dtype=torch.float64)
-    one = gradient_of_one_step(P.Ranks(), x, y, seed=1)
+    one = gradient_of_one_step(training.Ranks(), x, y, seed=1)
     two = run_copies(2, gradient_of_one_step, tmp_path, x, y, 1)
     for a, b in zip(one["grads"], two["grads"]):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
@@ -63,13 +63,13 @@ def test_two_copies_sum_to_the_one_process_gradient(tmp_path, n_rows):
 
 def test_without_torchrun_nothing_distributed_happens(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    ranks = P.start_data_parallel("cpu")
+    ranks = training.start_data_parallel("cpu")
     assert (ranks.rank, ranks.world, ranks.main) == (0, 1, True)
     assert not torch.distributed.is_initialized()
-    assert P.my_share([1, 2, 3], ranks) == [1, 2, 3] and P.gather_shares([1, 2, 3], ranks) == [1, 2, 3]
+    assert training.my_share([1, 2, 3], ranks) == [1, 2, 3] and training.gather_shares([1, 2, 3], ranks) == [1, 2, 3]
     # shares of 3 copies interleave back into the original order
     rows = list(range(8))
-    shares = [P.my_share(rows, P.Ranks(r, 3)) for r in range(3)]
+    shares = [training.my_share(rows, training.Ranks(r, 3)) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
@@ -82,7 +82,7 @@ def test_main_first_runs_on_the_main_copy_first_and_a_failure_there_stops_the_ot
     def broadcast(message, src):  # what the main copy sent, as the second copy receives it
         message[:] = sent.pop(0)
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
-    first, second, calls = P.Ranks(0, 2), P.Ranks(1, 2), []
+    first, second, calls = training.Ranks(0, 2), training.Ranks(1, 2), []
 
     def step(x):
         calls.append(x)
@@ -91,17 +91,17 @@ def test_main_first_runs_on_the_main_copy_first_and_a_failure_there_stops_the_ot
         return x.upper()
     sent.append([True, None])
     with pytest.raises(SystemExit) as stopped:
-        P.main_first(second, step, "bad")
+        training.main_first(second, step, "bad")
     assert stopped.value.code == 1
     sent += [[False, None], [False, "FOLDER"]]
-    assert P.main_first(second, step, "data") == "DATA"
-    assert P.main_first(second, step, "folder", share=True) == "FOLDER"
+    assert training.main_first(second, step, "data") == "DATA"
+    assert training.main_first(second, step, "folder", share=True) == "FOLDER"
     assert calls == ["data"]  # never the failed step, never a shared one
 
     sent.append(None)
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda message, src: sent.__setitem__(-1, message))
     with pytest.raises(ValueError, match="holds a model"):
-        P.main_first(first, step, "bad")
+        training.main_first(first, step, "bad")
     assert sent[-1] == [True, None]  # what the main copy broadcast
-    assert P.main_first(first, step, "ok", share=True) == "OK" and sent[-1] == [False, "OK"]
-    assert P.main_first(P.Ranks(), step, "alone") == "ALONE"
+    assert training.main_first(first, step, "ok", share=True) == "OK" and sent[-1] == [False, "OK"]
+    assert training.main_first(training.Ranks(), step, "alone") == "ALONE"

@@ -1,0 +1,253 @@
+"""Llama / Mistral / Qwen2 / SmolLM / Gemma causal LMs with a KV cache: CausalLM.from_pretrained(folder or hub id).
+
+Why it exists: the math script fine-tunes real Hugging Face decoders without `transformers`. Module names are
+Hugging Face's (`model.layers.0.self_attn.q_proj`, `lm_head`). Outputs were checked equal to `transformers`
+(fp32, within 1e-5) outside the project.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .files import (ACTIVATIONS, as_dtype, build_on_meta, embedding, head_count_check, load_config, load_state_dict,
+                    load_weights, require_config)
+from .hub import resolve
+
+DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def normalized(self, x):  # the mean of squares in fp32 even for bf16 activations, as the reference models do
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self.weight * self.normalized(x).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma stores the scale as an offset from 1 (so it starts at 0) and applies it in fp32 before casting back,
+    where Llama casts first: in bf16 the two round differently, so each model gets its own."""
+
+    def __init__(self, dim, eps):
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(config: dict, head_dim: int, device=None):
+    """RoPE frequencies, with the rope_scaling types we support. Computed in fp32 at every call: a buffer would
+    be rounded by model.to(bfloat16) and is impossible on the meta device."""
+    scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 / 4 spellings
+    theta = config.get("rope_theta") or scaling.get("rope_theta", 10000.0)
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, the band between blended linearly
+        s = scaling
+        wavelen = 2 * math.pi / inv
+        blend = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                 / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        inv = (1 - blend) * inv / s["factor"] + blend * inv
+    elif kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv
+
+
+def rotate(x, cos, sin):
+    """RoPE in Hugging Face's layout: the two halves of each head (not interleaved pairs) form the rotated pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of all past positions, per layer, grown by concatenation (simple; fast enough)."""
+
+    def __init__(self):
+        self.keys, self.values = [], []
+
+    def __len__(self):
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, i, k, v):
+        if i == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[i], self.values[i] = torch.cat([self.keys[i], k], 2), torch.cat([self.values[i], v], 2)
+        return self.keys[i], self.values[i]
+
+
+class Attention(nn.Module):
+    def __init__(self, c, qkv_bias, o_bias):
+        super().__init__()
+        H, self.n_heads = c["hidden_size"], c["num_attention_heads"]
+        self.n_kv = c.get("num_key_value_heads") or self.n_heads
+        self.head_dim = c.get("head_dim") or H // self.n_heads
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=o_bias)
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(i, k, v)
+        rep = self.n_heads // self.n_kv  # grouped-query attention: query head h reads key/value head h // rep
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):  # gated: SwiGLU (Llama family) or GeGLU (Gemma)
+    def __init__(self, c, bias, act):
+        super().__init__()
+        H, inner = c["hidden_size"], c["intermediate_size"]
+        self.gate_proj, self.up_proj = nn.Linear(H, inner, bias=bias), nn.Linear(H, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, H, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c, qkv_bias, o_bias, mlp_bias, act, norm):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias, act)
+        self.input_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def gemma_activation(c: dict) -> str:
+    """Gemma's MLP activation: hidden_activation where the config has it, else hidden_act. The original releases
+    say "gelu" but were trained with the tanh approximation, so transformers reads "gelu" as tanh; so do we."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM (llama, mistral, qwen2; SmolLM is llama) and Gemma. forward -> logits (B, T, V).
+
+    Gemma differs in four places: RMSNorm scales by (1 + w) in fp32, the embeddings are multiplied by
+    sqrt(hidden_size) (rounded to the activations' dtype, as the reference does), the MLP is GeGLU with the tanh
+    GELU, and the head is tied to the embeddings unless the config says otherwise. head_dim comes from the config
+    (256 for Gemma-7B, where 16 heads x 256 != hidden 3072)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        c, kind = config, config.get("model_type")
+        if kind not in ("llama", "mistral", "qwen2", "gemma"):
+            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2, "
+                             "gemma)")
+        gemma = kind == "gemma"
+        act = gemma_activation(c) if gemma else c.get("hidden_act", "silu")
+        if act not in (ACTIVATIONS if gemma else ("silu",)):
+            raise ValueError(f"hidden_act {act!r} is not supported for {kind} "
+                             f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
+        if kind == "qwen2" and c.get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        head_count_check(c)
+        self.config = config
+        self.window = c.get("sliding_window") if kind == "mistral" else None
+        self.embed_scale = c["hidden_size"] ** 0.5 if gemma else None
+        bias = c.get("attention_bias", False)  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
+        qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
+        norm = GemmaRMSNorm if gemma else RMSNorm
+        rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
+        self.model = nn.Module()
+        self.model.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False), ACTIVATIONS[act], norm)
+            for _ in range(c["num_hidden_layers"]))
+        self.model.norm = norm(c["hidden_size"], c["rms_norm_eps"])
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.tied = bool(c.get("tie_word_embeddings", gemma))  # transformers' defaults: Gemma tied, the others not
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
+        """attention_mask covers cached and new tokens (B, past + T). last_only: logits of the last position only
+        (generation needs no more, and (B, T, V) logits of a long prompt can take gigabytes)."""
+        B, T = input_ids.shape
+        dev, past = input_ids.device, len(cache) if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=dev)
+        if attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; it must cover the {past} cached "
+                             f"and {T} new tokens")
+        keep = attention_mask.bool()
+        # positions count real tokens only, so a left-padded row starts at 0 just like the same row unpadded
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        x = self.model.embed_tokens(input_ids)
+        if self.embed_scale:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        freqs = pos[..., None].float() * rope_inv_freq(self.config, self.model.layers[0].self_attn.head_dim, dev)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q_idx = torch.arange(past, past + T, device=dev)[:, None]
+        k_idx = torch.arange(past + T, device=dev)[None, :]
+        allowed = (k_idx <= q_idx) & keep[:, None, :]  # causal and not padding: (B, T, past + T)
+        if self.window:
+            allowed &= q_idx - k_idx < self.window
+        # A left-padding position would see no key at all; under fp16 autocast its finfo.min scores become -inf,
+        # the softmax NaN, and 0 * NaN reaches the real rows. Letting it see itself keeps every row finite.
+        allowed |= k_idx == q_idx
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask[:, None], cache, i)
+        x = self.model.norm(x)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None):
+        """Greedy decoding with a KV cache; rows may be left-padded (mask 0). Returns only the new tokens (B, N),
+        N <= max_new_tokens. A row that produced EOS is filled with the pad id afterwards; decoding stops once
+        every row has. eos_token_id: int or list; None -> the config's; [] -> never stop early."""
+        eos = self.config.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
+                           device=input_ids.device)
+        pad = self.config.get("pad_token_id")
+        pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        cache, out = KVCache(), []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, mask, cache, last_only=True)[:, -1]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1).masked_fill(done, pad)
+            out.append(token)
+            done |= torch.isin(token, eos)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = self(token[:, None], mask, cache, last_only=True)[:, -1]
+        return torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        folder = resolve(name_or_path)
+        config = load_config(folder)
+        require_config(config, folder, DECODER_SIZES, ("rms_norm_eps",))
+        model = build_on_meta(cls, config, folder)  # an unsupported config is reported before any weights are read
+        sd = load_state_dict(folder)
+        if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
+            sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
+            if sd["lm_head.weight"] is None:
+                del sd["lm_head.weight"]
+        load_weights(model, sd, as_dtype(dtype), folder)
+        if model.tied:  # loading with assign=True replaced the embedding Parameter: share it again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()

@@ -1,0 +1,310 @@
+"""Checkpoint files: config.json, safetensors (read and write), sharded indexes, pytorch_model.bin, and the
+strict load of their tensors into a model built on the meta device.
+
+Why it exists: the project depends on torch, numpy and tqdm only, so this replaces what `safetensors` and the
+loading half of `transformers` would give. Every name, size and offset read from a file is checked before it is
+used: a crafted checkpoint or index ends in a ValueError naming the file, never in a huge allocation, a write
+outside the model folder or code run by an unpickler.
+"""
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Every name, size and offset read from a file or a server is checked before it is used: a crafted checkpoint or
+# index must end in a ValueError that names the file, never in a huge allocation, a write outside the model folder
+# or code run by an unpickler.
+
+# Weights are F32/F16/BF16; the integer types are for buffers real checkpoints carry (e.g. BERT's I64 position_ids).
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # a real header is kilobytes; more means a corrupt file or not a safetensors file
+
+
+def read_json(path, what="JSON file") -> dict:
+    """A JSON object from a file; bad bytes, bad JSON or another top-level type -> ValueError naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); a {what} must be UTF-8 JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the {what} from its source") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object a {what} must be")
+    return obj
+
+
+def load_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model folder needs the config.json that came with its weights")
+    return read_json(path, "config.json")
+
+
+def require_config(config: dict, folder, sizes=(), keys=()) -> None:
+    """Fail before building a model when config.json lacks a key or a size is not a positive integer."""
+    for key in (*sizes, *keys):
+        if key not in config:
+            raise ValueError(f"{Path(folder) / 'config.json'} has no {key!r}; is it the config.json of this model?")
+    for key in sizes:
+        if type(config[key]) is not int or config[key] <= 0:
+            raise ValueError(f"{Path(folder) / 'config.json'}: {key} is {config[key]!r}, not a positive integer")
+
+
+def check_file_name(name, source) -> str:
+    """A file name that came from a server or an index must be a relative path that stays inside its folder:
+    otherwise `folder / name` could be any file the user can write (an absolute path, '..', a drive letter)."""
+    bad = (not isinstance(name, str) or not name or "\0" in name or "\\" in name or name.startswith("/")
+           or re.match(r"[A-Za-z]:", name) or any(part in ("", ".", "..") for part in name.split("/")))
+    if bad:
+        raise ValueError(f"{source}: refusing file name {name!r}; only relative paths inside the model folder are "
+                         "allowed (no absolute paths, '..', empty parts, backslashes or drive letters)")
+    return name
+
+
+def atomic_write(path, write):
+    """write(f) into a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _no_duplicates(pairs):
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names in the header: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _safetensors_header(f, path, file_size) -> tuple[int, dict]:
+    """(header length, header) of an open safetensors file, its length checked against the file's size first."""
+    if file_size < 8:
+        raise ValueError(f"{path} is not a safetensors file: {file_size} bytes, too short for the header length")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(file_size - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"{path} is not a safetensors file, or truncated: its header claims {n} bytes, the file "
+                         f"has {file_size - 8} after the length field")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, duplicate names, absurd nesting
+        raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    return n, header
+
+
+def _tensor_entry(name, info, path, data_size) -> tuple:
+    """(begin, end, dtype, shape) of one header entry, each field checked: nothing is allocated from an unchecked
+    size, so a few hundred crafted bytes can never claim gigabytes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"{where} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype}; this reader supports only {', '.join(SAFETENSORS_DTYPES)}. "
+                         "Convert the checkpoint to one of those first.")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{where} has data_offsets {offsets!r}; they must be [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise ValueError(f"{where} ends at byte {end} of the data, which has only {data_size} bytes: the file is "
+                         "truncated or corrupt; download it again")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"{where} spans {end - begin} bytes, its shape {shape} needs {nbytes}")
+    return begin, end, SAFETENSORS_DTYPES[dtype], shape
+
+
+def load_safetensors(path) -> dict:
+    """Read a .safetensors file: u64 little-endian header size, a JSON header, then raw little-endian tensor bytes.
+    Every malformed file raises a ValueError naming it, before any tensor memory is allocated."""
+    assert sys.byteorder == "little", "safetensors data is little-endian; big-endian hosts are not supported"
+    path, tensors = Path(path), {}
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        n, header = _safetensors_header(f, path, file_size)
+        if not isinstance(header.pop("__metadata__", {}), dict):
+            raise ValueError(f"{path}: __metadata__ in the safetensors header is not an object")
+        entries = sorted(((_tensor_entry(name, info, path, file_size - 8 - n), name) for name, info in header.items()),
+                         key=lambda e: e[0][:2])
+        for ((_, end, _, _), name), ((begin, _, _, _), other) in zip(entries, entries[1:]):
+            if begin < end:
+                raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the data section")
+        for (begin, end, dtype, shape), name in entries:  # in file order: one sequential read
+            f.seek(8 + n + begin)
+            buf = bytearray(end - begin)  # one writable buffer per tensor: tensors own their memory, no warning
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{path} is truncated (tensor {name!r}); download it again")
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Write a .safetensors file (readable by the `safetensors` library), atomically."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, arrays, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in names:
+            raise ValueError(f"tensor {name!r} is {t.dtype}; supported: {', '.join(map(str, names))}")
+        data = t.reshape(-1).view(torch.uint8).numpy()  # raw bytes; numpy itself has no bfloat16
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + data.size]}
+        arrays.append(data)
+        offset += data.size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # like the reference writer: pad so the data starts 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for a in arrays:
+            f.write(a)
+    atomic_write(path, write)
+
+
+def read_index(index_path) -> dict:
+    """The weight_map (tensor name -> shard file) of a model.safetensors.index.json, every shard name checked to
+    be a file inside its folder."""
+    weight_map = read_json(index_path, "model.safetensors.index.json").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map object (tensor name -> shard file)")
+    for shard in weight_map.values():
+        check_file_name(shard, index_path)
+    return weight_map
+
+
+def load_bin(path) -> dict:
+    """pytorch_model.bin is a pickle: weights_only=True lets torch rebuild tensors and plain containers and
+    refuses anything else, so a crafted file cannot run code on load."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused pickle, truncated or non-zip file: torch's many error types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a plain tensor checkpoint ({first_line}); it was not loaded") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def load_state_dict(folder) -> dict:
+    """All weights of a checkpoint folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return load_safetensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map, sd = read_index(index), {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = load_safetensors(folder / shard)
+            if twice := sorted(sd.keys() & tensors.keys()):
+                raise ValueError(f"{folder / shard} holds tensors another shard of {index} holds too: {twice[:5]}")
+            sd.update(tensors)
+        if missing := sorted(set(weight_map) - set(sd)):
+            raise ValueError(f"{index} lists tensors that no shard holds: {missing[:5]}")
+        return sd
+    if (folder / "pytorch_model.bin").is_file():
+        return load_bin(folder / "pytorch_model.bin")
+    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
+                            "with its shards, or pytorch_model.bin")
+
+
+def load_weights(model: nn.Module, sd: dict, dtype, folder):
+    """Strict load into a model built on the meta device: every parameter must come from the checkpoint, in the
+    shape config.json implies."""
+    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}  # derived buffers
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint in {folder} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}. Is it the right model folder?")
+    for name, t in expected.items():
+        if sd[name].shape != t.shape:
+            raise ValueError(f"checkpoint in {folder}: {name} has shape {tuple(sd[name].shape)}, its config.json "
+                             f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+
+
+def build_on_meta(cls, config, folder, **kwargs):
+    """cls(config) on the meta device: no memory and no random init, since every parameter comes from the
+    checkpoint. A config the model refuses is named by its file."""
+    try:
+        with torch.device("meta"):
+            return cls(config, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / 'config.json'}: {e}") from None
+
+
+def as_dtype(dtype):
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype  # accept "bfloat16" too
+
+
+def embedding(num: int, dim: int, padding_idx=None) -> nn.Embedding:
+    """nn.Embedding, without its random init on the meta device (from_pretrained): the checkpoint supplies the
+    weights, and a random normal_ on meta tensors imports torch._dynamo, seconds at every start-up."""
+    on_meta = torch.empty(0).is_meta  # true inside `with torch.device("meta")`
+    return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=torch.empty(num, dim) if on_meta else None)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
+
+
+
+
+def head_count_check(c: dict):
+    """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly."""
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise ValueError(f"hidden_size {c['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if type(kv) is not int or kv <= 0 or heads % kv:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+
+def finite_or_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj) -> None:
+    """Atomic, and always valid JSON: a non-finite float is written as null (JSON has no NaN)."""
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,148 @@
+"""Llama / Qwen2 / Gemma (pretrained/decoder.py) against float64 forwards written here, and greedy decoding with
+the KV cache against decoding by full recomputation."""
+
+import pytest
+import torch
+
+from pretrained import decoder
+from references import DECODERS, decoder_reference, decoder_weights, save_model, tied
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    out = {}
+    for name, c in DECODERS.items():
+        sd = decoder_weights(c)
+        out[name] = (decoder.CausalLM.from_pretrained(save_model(tmp_path_factory.mktemp(name), c, sd)), sd, c)
+    return out
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_causal_lm_matches_float64_reference(decoders, name):
+    model, sd, c = decoders[name]
+    ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8, 17], [0, 0, 0, 11, 3, 44, 6, 9, 10]])
+    mask = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
+    out = model(ids, mask)
+    ref = decoder_reference(sd, c, ids, mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()].float(), atol=2e-5, rtol=0)
+    if tied(c):
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_kv_cache_decoding_equals_uncached(decoders):
+    for model, _, _ in decoders.values():
+        ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8], [0, 0, 12, 11, 3, 44, 6, 9]])
+        mask = (torch.arange(8) >= torch.tensor([[0], [2]])).long()
+        full = model(ids, mask)
+        cache = decoder.KVCache()
+        steps = [model(ids[:, :4], mask[:, :4], cache)]  # a prefill, then one token at a time
+        for t in range(4, 8):
+            steps.append(model(ids[:, t:t + 1], mask[:, :t + 1], cache))
+        assert len(cache) == 8
+        torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+
+
+def greedy_reference(sd, c, prompt, n, eos=None):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(decoder_reference(sd, c, torch.tensor([ids]))[0, -1].argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+def test_left_padded_batch_generation_equals_per_row(decoders):
+    model, sd, c = decoders["llama-gqa-untied"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3], [40, 41, 42, 43]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    batch = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    assert batch.shape == (3, 6)
+    for row, p in zip(batch.tolist(), prompts, strict=True):
+        assert row == model.generate(torch.tensor([p]), max_new_tokens=6, eos_token_id=[])[0].tolist()
+        assert row == greedy_reference(sd, c, p, 6)  # and greedy by full float64 recomputation
+
+
+def test_no_attention_row_is_fully_masked_with_left_padding(decoders):
+    """A fully masked row is -inf everywhere once fp16 autocast rounds finfo(fp32).min, so its softmax is NaN and
+    0 * NaN reaches the real rows (on CUDA): every query, padding included, must see at least one key."""
+    model, _, _ = decoders["llama-gqa-untied"]
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[3]))
+    ids, mask = torch.tensor([[0, 0, 0, 5, 9], [4, 5, 6, 7, 8]]), torch.tensor([[0, 0, 0, 1, 1], [1] * 5])
+    model(ids, mask)
+    hook.remove()
+    allowed = seen[0] == 0
+    assert allowed.any(-1).all()
+    # and the real rows still see exactly the causal, non-padding keys
+    assert allowed[0, 0, 3:, :3].sum() == 0 and allowed[0, 0, 4].tolist() == [False, False, False, True, True]
+
+
+def test_generation_stops_at_eos_per_row(decoders):
+    model, sd, c = decoders["qwen2-bias-tied"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3, 8]]
+    ids = torch.tensor([p if len(p) == 5 else [0, 0] + p for p in prompts])
+    mask = (ids != 0).long()
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, 2])  # make row 0's third token the EOS
+    got = model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    expected = []
+    for p in prompts:
+        row = greedy_reference(sd, c, p, 8, eos=eos)
+        expected.append(row + [c["pad_token_id"]] * (8 - len(row)))  # finished rows are padded
+    width = max(len(greedy_reference(sd, c, p, 8, eos=eos)) for p in prompts)
+    assert got.tolist() == [r[:width] for r in expected] and got.shape[1] == width
+    alone = model.generate(ids[:1], mask[:1], max_new_tokens=8, eos_token_id=eos)
+    assert alone.tolist() == [greedy_reference(sd, c, prompts[0], 8, eos=eos)] and alone.shape[1] <= 3  # stops early
+
+
+def test_gemma_greedy_generation_equals_the_reference(decoders):
+    model, sd, c = decoders["gemma-mqa-head-dim"]
+    prompts = [[5, 9, 13, 7, 22], [11, 3]]
+    ids = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
+    got = model.generate(ids, (ids != 0).long(), max_new_tokens=6, eos_token_id=[])
+    assert got.tolist() == [greedy_reference(sd, c, p, 6) for p in prompts]  # cached, left-padded == recomputed
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)  # heads x head_dim, not hidden
+
+
+def test_gemma_bf16_rounds_where_the_reference_does(tmp_path):
+    c = DECODERS["gemma-mqa-head-dim"]
+    model = decoder.CausalLM.from_pretrained(save_model(tmp_path / "g", c, decoder_weights(c)), dtype=torch.bfloat16)
+    seen = {}
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    ids = torch.tensor([[5, 9, 13]])
+    model(ids)
+    # the scale sqrt(32) = 5.6568... is itself rounded to bf16 (5.65625) before the product, as in transformers
+    scale = torch.tensor(5.65625, dtype=torch.bfloat16)
+    assert torch.equal(seen["x"], model.model.embed_tokens.weight[ids] * scale)
+    # the norm applies (1 + w) in fp32 and rounds once; rounding first (Llama's order) differs in bf16
+    x = torch.randn(4, 32).bfloat16()
+    norm = model.model.norm
+    h = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    once = (h * (1 + norm.weight.double())).to(torch.bfloat16)
+    assert (norm(x).double() - once.double()).abs().max() <= 2 ** -7 * once.double().abs().max()
+    assert not torch.equal(norm(x), h.to(torch.bfloat16) * (1 + norm.weight))
+
+
+def test_decoder_names_dtypes_and_config_errors(tmp_path, decoders):
+    model = decoders["llama-gqa-untied"][0]
+    names = {n for n, _ in model.named_modules()}
+    assert {"model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+            "model.layers.0.input_layernorm", "model.norm", "lm_head"} <= names
+    c, sd = DECODERS["llama-gqa-untied"], decoders["llama-gqa-untied"][1]
+    folder = save_model(tmp_path / "bf16", c, sd)
+    half = decoder.CausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[5, 9, 13, 7]])
+    assert (half(ids).float() - model(ids)).abs().max() < 0.25  # bf16 runs and stays close
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        yarn = dict(c, rope_scaling={"type": "yarn", "factor": 2.0})
+        decoder.CausalLM.from_pretrained(save_model(tmp_path / "yarn", yarn, sd))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        decoder.CausalLM.from_pretrained(save_model(tmp_path / "gpt2", dict(c, model_type="gpt2"), sd))
+    with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):  # untied needs its own head
+        headless = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        decoder.CausalLM.from_pretrained(save_model(tmp_path / "nohead", c, headless))
