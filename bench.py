@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import projections
 import unilora
 from pretrained import CausalLM, Encoder
 
@@ -118,7 +119,7 @@ def llama_step_rows(device, quick: bool, repeats: int):
     d = round(65536 * layers / 30)  # the same D/d as the real recipe
     torch.manual_seed(0)
     base = CausalLM(config)
-    adapters = {"lora": lambda m: unilora.apply_lora(m, r=4), "unilora": lambda m: unilora.apply_unilora(m, d, r=4)}
+    adapters = {"lora": lambda m: projections.apply_lora(m, r=4), "unilora": lambda m: unilora.apply_unilora(m, d, r=4)}
 
     def lm_loss(model, ids):
         logits = model(ids)
@@ -138,7 +139,7 @@ def roberta_step_row(device, quick: bool, repeats: int):
     torch.manual_seed(0)
     base = Encoder(ROBERTA_BASE)
     targets = ("query", "value")
-    adapters = {"lora": lambda m: unilora.apply_lora(m, r=4, targets=targets),
+    adapters = {"lora": lambda m: projections.apply_lora(m, r=4, targets=targets),
                 "unilora": lambda m: unilora.apply_unilora(m, 23040, r=4, targets=targets)}
     ids = torch.randint(3, ROBERTA_BASE["vocab_size"], (batch, length), device=device)
     t = step_times(device, base, adapters, lambda: (ids, torch.ones_like(ids)),
@@ -189,11 +190,10 @@ def projection_rows(device, name: str, shapes: list, d: int, repeats: int):
         theta.grad = None
 
     idx, plain = projection.idx, theta.detach()
-    theta_D, grad_D = plain.new_empty(D), plain.new_empty(D)  # reused, like ours: no fresh pages to fault in
 
     def floor():  # one gather of D and a split; backward: one cat of the L gradients, one index_add into 2d slots
-        torch.index_select(torch.cat([plain, -plain]), 0, idx, out=theta_D).split(sizes)
-        plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads], out=grad_D))
+        torch.index_select(torch.cat([plain, -plain]), 0, idx).split(sizes)
+        plain.new_zeros(2 * d).index_add_(0, idx, torch.cat([g.flatten() for g in grads]))
 
     # PEFT's formulation (its UniLora layer): per matrix, an int64 column and a float scale per entry, shaped like
     # the matrix, and theta_d[index] * scale with autograd: a gather and a multiply per matrix, and in the backward

@@ -30,7 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -258,3 +258,50 @@ PROJECTIONS = {
     "fastfood": Fastfood,
     "gaussian": Gaussian,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LoRA baseline: P = I in the unified view (d = D, every LoRA entry trained), for side-by-side comparisons
+# ----------------------------------------------------------------------------------------------------------
+
+class LoRALinear(unilora.AdaptedLinear):
+    """base(x) + (alpha/r) dropout(x) A^T B^T with A Kaiming-uniform and B = 0 (Hu et al., 2021)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, dropout)
+        self.r, self.scaling = r, alpha / r
+        dtype = torch.promote_types(torch.float32, base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its own weight
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B * self.scaling
+
+    def _apply(self, fn, recurse=True):
+        for child in self.children():
+            child._apply(fn)
+        unilora.keep_fp32([self.lora_A, self.lora_B], fn)  # like theta_d: A and B stay fp32 in a 16-bit model
+        return self
+
+
+class LoRA(unilora.Adapter):
+    """The handle `apply_lora` returns: the same save/load/merge/export/count API as unilora.UniLoRA."""
+    identity_keys = ("layers", "r", "alpha", "keep_trainable")
+    schema = {"r": int, "alpha": (int, float), "layers": list}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": getattr(m, k) for n, m in self.layers() for k in ("lora_A", "lora_B")}
+
+
+def apply_lora(model: nn.Module, *, r: int = 4, alpha: float | None = None, targets: unilora.Targets = None,
+               dropout: float = 0.0, keep_trainable: Sequence[str] = ()) -> LoRA:
+    """Patch `model` with plain LoRA on the same targets as apply_unilora would use; alpha defaults to r."""
+    unilora.check_settings(r, dropout)
+    alpha = float(alpha or r)
+    keep = unilora.resolve_keep(model, keep_trainable)
+    names = unilora.find_targets(model, targets, dropout, keep)
+    unilora.swap_layers(model, names, keep, lambda i, base: LoRALinear(base, r, alpha, dropout))
+    layers = [[n, model.get_submodule(n).in_features, model.get_submodule(n).out_features] for n in names]
+    return LoRA(model, names, {"format": "lora-adapter/1", "r": r, "alpha": alpha, "dropout": dropout,
+                               "layers": layers, "keep_trainable": keep})

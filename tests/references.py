@@ -270,3 +270,30 @@ def decoder_reference(sd, c, ids, mask=None):
         x = x + lin(act(g) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
     head = w["model.embed_tokens.weight"] if tied(c) else w["lm_head.weight"]
     return norm(x, "model.norm.weight") @ head.T
+
+
+# ----------------------------------------------------------------------------- tokenizer fixtures
+
+def bert_template(cls_id: int, sep_id: int) -> dict:
+    """A BERT tokenizer.json post-processor: [CLS] A [SEP] (B [SEP]), the second segment typed 1."""
+    cls = {"SpecialToken": {"id": "[CLS]", "type_id": 0}}
+    sep = lambda t: {"SpecialToken": {"id": "[SEP]", "type_id": t}}
+    return {"type": "TemplateProcessing",
+            "single": [cls, {"Sequence": {"id": "A", "type_id": 0}}, sep(0)],
+            "pair": [cls, {"Sequence": {"id": "A", "type_id": 0}}, sep(0), {"Sequence": {"id": "B", "type_id": 1}}, sep(1)],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [cls_id], "tokens": ["[CLS]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [sep_id], "tokens": ["[SEP]"]}}}
+
+
+def byte_symbols() -> dict:
+    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the others are shifted past 255
+    so every byte has a visible symbol (space -> 'Ġ', newline -> 'Ċ')."""
+    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted, out = 0, {}
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + shifted)
+            shifted += 1
+    return out

@@ -2,9 +2,7 @@
 
 References: P written entry by entry from its definition in float64, column counts from numpy's bincount, the
 Hadamard matrix from Sylvester's Kronecker construction, expected column ranges and pool sizes worked out by
-hand, expectations over many seeds. The tests of the index kinds as modules, inside a model, need
-unilora.IndexProjection and apply_unilora(..., projection=...) (issue 13's core side) and run once those exist.
-Run with `python -m pytest -q test_projections.py`.
+hand, expectations over many seeds; the LoRA baseline against LoRA written by hand.
 """
 import json
 import math
@@ -15,17 +13,14 @@ import torch
 import torch.nn as nn
 
 import unilora
-from projections import (PROJECTIONS, Fastfood, Gaussian, hadamard, iid_index, local_index, nonorm_index,
-                         nonuniform_index)
+from projections import (PROJECTIONS, Fastfood, Gaussian, apply_lora, hadamard, iid_index, local_index,
+                         nonorm_index, nonuniform_index)
 from unilora import make_projection
 
 torch.set_num_threads(1)
 INDEX_KINDS = {"iid": iid_index, "local": local_index, "nonuniform": nonuniform_index, "nonorm": nonorm_index}
 SIZES = [24, 24, 8, 16, 40, 12]  # three layers (A_l, B_l): mixed shapes; D = 124
 D = sum(SIZES)
-
-needs_core = pytest.mark.skipif(not hasattr(unilora, "IndexProjection"),
-                                reason="needs unilora.IndexProjection and apply_unilora(projection=) (core branch)")
 
 
 def dense(idx, d, normalize):
@@ -286,7 +281,6 @@ def test_projections_registry_names_every_kind():
 # Inside a model (needs the core side of issue 13)
 # ----------------------------------------------------------------------------------------------------------
 
-@needs_core
 @pytest.mark.parametrize("kind", INDEX_KINDS)
 def test_index_kind_modules_are_the_hand_built_P(kind):
     d = 20
@@ -311,7 +305,6 @@ class TwoLayers(nn.Module):
         return self.head(self.value(torch.tanh(self.query(x))))
 
 
-@needs_core
 @pytest.mark.parametrize("kind", [k for k in PROJECTIONS if k != "balanced"])
 def test_every_kind_saves_loads_and_merges(kind, tmp_path):
     x = torch.randn(4, 8)
@@ -327,3 +320,41 @@ def test_every_kind_saves_loads_and_merges(kind, tmp_path):
     unilora.load_unilora(loaded, str(tmp_path / "a.pt"), projection=PROJECTIONS[kind])
     assert torch.allclose(loaded(x), expected, atol=1e-6)
     assert torch.allclose(unilora.merge_adapters(loaded)(x), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the LoRA baseline (P = I)
+
+
+class Attention(nn.Module):
+    def __init__(self, width=12):
+        super().__init__()
+        torch.manual_seed(0)
+        self.query, self.key, self.value = (nn.Linear(width, width).double() for _ in range(3))
+
+    def forward(self, x):
+        return self.value(x) * torch.sigmoid(self.query(x) + self.key(x))
+
+
+def test_lora_baseline_is_standard_lora(tmp_path):
+    """Hu et al.'s LoRA written by hand: x W^T + b + (alpha/r) x A^T B^T, B = 0 at the start."""
+    model, reference = Attention(), Attention()
+    lora = apply_lora(model, r=2, alpha=8, targets=("query", "value"))
+    x = torch.randn(4, 12, dtype=torch.float64)
+    assert torch.equal(model(x), reference(x))  # B = 0 at init
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_()
+    layer, base = model.query, reference.query
+    expected = x @ base.weight.T + base.bias + (8 / 2) * (x @ layer.lora_A.T) @ layer.lora_B.T
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    assert type(model.key) is nn.Linear  # not a target
+    assert lora.counts()["d"] == lora.counts()["D"] == 2 * 2 * (12 + 12)  # 2 layers, r (in + out)
+    path = str(tmp_path / "lora.pt")
+    lora.save(path)
+    out = model(x)
+    fresh = Attention()
+    apply_lora(fresh, r=2, alpha=8, targets=("query", "value")).load(path)
+    assert torch.equal(fresh(x), out)
+    unilora.merge_adapters(fresh)
+    assert type(fresh.query) is nn.Linear
+    assert torch.allclose(fresh(x), out, atol=1e-12)

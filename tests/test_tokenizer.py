@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pretrained.tokenizer import Encoding, Tokenizer, pad
+from references import bert_template
 
 
 def make(tmp_path, model, name="tokenizer.json", **parts):
@@ -27,15 +28,7 @@ def added(content, i, special=True, **flags):
 # --- WordPiece / BERT ------------------------------------------------------------------------------
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "!", "un", "##aff", "##able",
               "cafe", "中", "文", ",", "café", "'", "s"]
-BERT_TEMPLATE = {
-    "type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-               {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-    "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-             {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-    "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                       "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}}
+BERT_TEMPLATE = bert_template(cls_id=2, sep_id=3)
 
 
 def bert(tmp_path, lowercase=True, post=BERT_TEMPLATE, extra_added=()):

@@ -4,7 +4,8 @@ Why this file exists: the GLUE script must fetch exactly GLUE's files, parse eig
 GLUE metrics, train three methods through one optimiser/schedule, rebuild saved runs, summarise seeds, print
 Table 1, and turn every user error into one short message that leaves nothing behind. Everything runs on tiny
 random BERT and RoBERTa checkpoints (hand-written tokenizer.json files), tiny TSVs and GLUE-shaped zips served
-from 127.0.0.1, so the file needs no network and takes well under a minute.
+from 127.0.0.1, so the file needs no network and takes well under a minute. (The metrics and Table 1 are tested
+on their own in test_glue_metrics.py and test_glue_table.py.)
 """
 import io
 import json
@@ -23,6 +24,8 @@ import torch
 
 import train_glue as tg
 from pretrained import save_safetensors
+from recipes import glue_data
+from references import bert_template, byte_symbols
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,37 +46,17 @@ def bert_tokenizer_json():
         "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
                        "strip_accents": None, "lowercase": True},
         "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-                     {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-            "special_tokens": {t: {"id": t, "ids": [specials.index(t)], "tokens": [t]} for t in ("[CLS]", "[SEP]")}},
+        "post_processor": bert_template(specials.index("[CLS]"), specials.index("[SEP]")),
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
         "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
                   "max_input_chars_per_word": 100, "vocab": {t: i for i, t in enumerate(vocab)}},
     }
 
 
-def byte_chars():
-    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE)."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
 def roberta_tokenizer_json():
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "g"), ("o", "o"), ("Ġg", "oo"), ("Ġgoo", "d")]
-    vocab = specials + byte_chars() + ["".join(m) for m in merges]
+    vocab = specials + list(byte_symbols().values()) + ["".join(m) for m in merges]
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -177,10 +160,10 @@ def task_rows(task, n, rng, dev=False):
 
 def write_task(root, task, n_train=48, n_dev=24, seed=0):
     rng = random.Random(seed)
-    folder = Path(root) / tg.TASKS[task]["folder"]
+    folder = Path(root) / glue_data.TASKS[task]["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("\n".join(task_rows(task, n_train, rng)) + "\n")
-    for name in tg.TASKS[task]["dev"]:  # MNLI: dev_matched.tsv and dev_mismatched.tsv, different sentences
+    for name in glue_data.TASKS[task]["dev"]:  # MNLI: dev_matched.tsv and dev_mismatched.tsv, different sentences
         (folder / name).write_text("\n".join(task_rows(task, n_dev, rng, dev=True)) + "\n")
     return folder
 
@@ -193,7 +176,7 @@ def assets(tmp_path_factory):
               "bert-nopool": write_encoder(root / "tiny-bert-nopool", "bert", pooler=False),
               # a base-sized model whose path says "large": the preset must come from config.json, not the name
               "named-large": write_encoder(root / "large" / "roberta-large", "roberta")}
-    data = {task: write_task(root / "glue", task) for task in tg.TASKS}
+    data = {task: write_task(root / "glue", task) for task in glue_data.TASKS}
     return models, data
 
 
@@ -223,50 +206,6 @@ def tree(folder):
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
 
 
-# ----------------------------------------------------------------------------- metrics vs. textbook formulas
-
-def test_accuracy_and_f1_by_hand():
-    pred = np.array([1, 1, 0, 1, 0, 0, 1])
-    y = np.array([1, 0, 0, 1, 1, 0, 1])
-    tp, fp, fn = 3, 1, 1
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    assert tg.accuracy(pred, y) == pytest.approx(5 / 7)
-    assert tg.f1_score(pred, y) == pytest.approx(2 * precision * recall / (precision + recall))
-    assert tg.f1_score(np.zeros(4), np.zeros(4)) == 0.0  # no positives anywhere: defined as 0, not NaN
-
-
-def test_matthews_binary_formula_and_multiclass_covariance_form():
-    pred = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0])
-    y = np.array([1, 0, 0, 1, 1, 0, 1, 0, 1])
-    tp, tn, fp, fn = 3, 3, 1, 2
-    expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert tg.matthews(pred, y) == pytest.approx(expected)
-    # Gorodkin's definition: correlation of the one-hot label and prediction matrices.
-    rng = np.random.default_rng(0)
-    y3, p3 = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
-    X, Y = np.eye(3)[p3], np.eye(3)[y3]
-    cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))
-    assert tg.matthews(p3, y3) == pytest.approx(cov(X, Y) / math.sqrt(cov(X, X) * cov(Y, Y)))
-    assert tg.matthews(np.ones(6, int), np.array([0, 1, 0, 1, 1, 0])) == 0.0  # constant prediction
-
-
-def test_pearson_and_spearman_by_hand():
-    x = np.array([1.0, 2.0, 4.0, 3.0, 7.0])
-    y = np.array([2.0, 1.0, 5.0, 4.0, 6.0])
-    n = len(x)
-    num = n * np.sum(x * y) - x.sum() * y.sum()
-    den = math.sqrt((n * np.sum(x * x) - x.sum() ** 2) * (n * np.sum(y * y) - y.sum() ** 2))
-    assert tg.pearson(x, y) == pytest.approx(num / den)
-    # no ties: Spearman's rank-difference formula
-    d = np.array([1, 2, 4, 3, 5]) - np.array([2, 1, 4, 3, 5])
-    assert tg.spearman(x, y) == pytest.approx(1 - 6 * np.sum(d ** 2) / (n * (n * n - 1)))
-    # ties share the average rank
-    assert tg.ranks([3.0, 1.0, 3.0, 2.0, 3.0]).tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
-    assert tg.ranks([1.0, 2.0, 2.0, 3.0]).tolist() == [1.0, 2.5, 2.5, 4.0]
-    assert tg.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(tg.pearson([1, 2.5, 2.5, 4], [1, 2, 3, 4]))
-    assert tg.pearson(np.ones(4), y[:4]) == 0.0
-
-
 # ----------------------------------------------------------------------------- data files
 
 def test_each_official_layout_parses_exactly(tmp_path):
@@ -287,12 +226,12 @@ def test_each_official_layout_parses_exactly(tmp_path):
     for task, (content, texts, labels) in cases.items():
         path = tmp_path / f"{task}.tsv"
         path.write_text(content, encoding="utf-8")
-        assert tg.read_tsv(task, path) == (texts, labels), task
+        assert glue_data.read_tsv(task, path) == (texts, labels), task
     # MNLI: 12 columns in train, 16 in dev, gold label last in both
     for dev in (False, True):
         path = tmp_path / f"mnli{dev}.tsv"
         path.write_text("\n".join(task_rows("mnli", 3, random.Random(1), dev=dev)) + "\n")
-        texts, labels = tg.read_tsv("mnli", path)
+        texts, labels = glue_data.read_tsv("mnli", path)
         assert labels == [0, 1, 2] and all(len(t) == 2 for t in texts)
 
 
@@ -312,34 +251,34 @@ def test_malformed_line_names_file_and_line(tmp_path, task, line, complaint):
     good = task_rows(task, 2, random.Random(0))
     path = tmp_path / "train.tsv"
     path.write_text("\n".join(good + [line]) + "\n")
-    with pytest.raises(tg.DataError, match=complaint) as err:
-        tg.read_tsv(task, path)
+    with pytest.raises(glue_data.DataError, match=complaint) as err:
+        glue_data.read_tsv(task, path)
     assert f"{path}:{len(good) + 1}:" in str(err.value)
 
 
-@pytest.mark.parametrize("task", [t for t in tg.TASKS if t != "cola"])
+@pytest.mark.parametrize("task", [t for t in glue_data.TASKS if t != "cola"])
 def test_a_file_without_its_header_is_an_error_not_a_lost_row(tmp_path, task):
     rows = task_rows(task, 3, random.Random(0))[1:]  # the data lines only
     path = tmp_path / "dev.tsv"
     path.write_text("\n".join(rows) + "\n")
-    with pytest.raises(tg.DataError, match=rf"{path}:1: expected {task}'s header line"):
-        tg.read_tsv(task, path)
+    with pytest.raises(glue_data.DataError, match=rf"{path}:1: expected {task}'s header line"):
+        glue_data.read_tsv(task, path)
 
 
 def test_utf8_with_bom_is_read_and_other_bytes_name_the_line(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_bytes("\ufeffsentence\tlabel\ncafé crème\t1\n".encode("utf-8"))
-    assert tg.read_tsv("sst2", path) == ([("café crème",)], [1])
+    assert glue_data.read_tsv("sst2", path) == ([("café crème",)], [1])
     path.write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 bad\t0\n")  # latin-1, as a re-saved file might be
-    with pytest.raises(tg.DataError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column 4\)"):
-        tg.read_tsv("sst2", path)
+    with pytest.raises(glue_data.DataError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column 4\)"):
+        glue_data.read_tsv("sst2", path)
 
 
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("sentence\tlabel\n")
-    with pytest.raises(tg.DataError, match="no examples"):
-        tg.read_tsv("sst2", path)
+    with pytest.raises(glue_data.DataError, match="no examples"):
+        glue_data.read_tsv("sst2", path)
 
 
 # ----------------------------------------------------------------------------- downloads, GLUE's zips
@@ -347,9 +286,9 @@ def test_empty_file_is_an_error(tmp_path):
 def test_the_official_dev_row_counts():
     # GLUE's dev sets (issue 11): SST-2 872, CoLA 1,043, MRPC 408, QNLI 5,463, RTE 277, STS-B 1,500,
     # MNLI 9,815 matched / 9,832 mismatched, QQP 40,430.
-    assert tg.DEV_ROWS == {"sst2": (872,), "cola": (1043,), "mrpc": (408,), "qnli": (5463,), "rte": (277,),
+    assert glue_data.DEV_ROWS == {"sst2": (872,), "cola": (1043,), "mrpc": (408,), "qnli": (5463,), "rte": (277,),
                            "stsb": (1500,), "mnli": (9815, 9832), "qqp": (40430,)}
-    assert all(len(tg.DEV_ROWS[t]) == len(spec["dev"]) for t, spec in tg.TASKS.items())
+    assert all(len(glue_data.DEV_ROWS[t]) == len(spec["dev"]) for t, spec in glue_data.TASKS.items())
 
 
 @pytest.fixture
@@ -391,9 +330,9 @@ def tsv(task, n, seed, dev):
 
 def serve_glue(files, url, monkeypatch):
     """CoLA, STS-B, MNLI and MRPC laid out as GLUE's mirror serves them, original/ folders included."""
-    monkeypatch.setattr(tg, "GLUE_URL", url + "/glue/")
-    monkeypatch.setattr(tg, "MRPC_TRAIN_URL", url + "/senteval/msr_paraphrase_train.txt")
-    monkeypatch.setattr(tg, "MRPC_DEV_IDS_URL", url + "/glue/mrpc_dev_ids.tsv")
+    monkeypatch.setattr(glue_data, "GLUE_URL", url + "/glue/")
+    monkeypatch.setattr(glue_data, "MRPC_TRAIN_URL", url + "/senteval/msr_paraphrase_train.txt")
+    monkeypatch.setattr(glue_data, "MRPC_DEV_IDS_URL", url + "/glue/mrpc_dev_ids.tsv")
     cola_dev = tsv("cola", 10, 2, True)
     files["/glue/CoLA.zip"] = glue_zip({
         "CoLA/original/raw/in_domain_dev.tsv": tsv("cola", 4, 9, True),  # sorts before CoLA/train.tsv
@@ -412,7 +351,7 @@ def serve_glue(files, url, monkeypatch):
         f"{i % 2}\t{10 + i}\t{20 + i}\tsent \"{i}\" a\tsent {i} b\n" for i in range(6))).encode("utf-8")
     files["/glue/mrpc_dev_ids.tsv"] = b"11\t21\n14\t24\n"
     for task, rows in {"cola": (10,), "stsb": (9,), "mnli": (7, 8), "mrpc": (2,)}.items():
-        monkeypatch.setitem(tg.DEV_ROWS, task, rows)
+        monkeypatch.setitem(glue_data.DEV_ROWS, task, rows)
     return cola_dev
 
 
@@ -420,17 +359,17 @@ def test_downloads_take_exactly_glues_files(tmp_path, monkeypatch, server, asset
     files, url = server
     cola_dev = serve_glue(files, url, monkeypatch)
     cache = tmp_path / "cache"
-    cola = tg.fetch_glue("cola", cache)
+    cola = glue_data.fetch_glue("cola", cache)
     assert tree(cache) == ["CoLA", "CoLA/dev.tsv", "CoLA/train.tsv"]  # no zip, no original/, no .partial
     assert (cola / "dev.tsv").read_text() == cola_dev
-    assert sorted(p.name for p in tg.fetch_glue("stsb", cache).iterdir()) == ["dev.tsv", "train.tsv"]
-    mnli = tg.fetch_glue("mnli", cache)
+    assert sorted(p.name for p in glue_data.fetch_glue("stsb", cache).iterdir()) == ["dev.tsv", "train.tsv"]
+    mnli = glue_data.fetch_glue("mnli", cache)
     assert sorted(p.name for p in mnli.iterdir()) == ["dev_matched.tsv", "dev_mismatched.tsv", "train.tsv"]
-    mrpc = tg.fetch_glue("mrpc", cache)
+    mrpc = glue_data.fetch_glue("mrpc", cache)
     assert sorted(p.name for p in mrpc.iterdir()) == ["dev.tsv", "train.tsv"]
-    dev_texts, dev_labels = tg.read_tsv("mrpc", mrpc / "dev.tsv")
+    dev_texts, dev_labels = glue_data.read_tsv("mrpc", mrpc / "dev.tsv")
     assert dev_texts == [('sent "1" a', "sent 1 b"), ('sent "4" a', "sent 4 b")] and dev_labels == [1, 0]
-    assert len(tg.read_tsv("mrpc", mrpc / "train.tsv")[0]) == 4
+    assert len(glue_data.read_tsv("mrpc", mrpc / "train.tsv")[0]) == 4
 
     files.clear()  # cached: no second download
     result, _ = run(assets, tmp_path, "--max_steps", "2", "--cache_dir", str(cache), task="cola", data_dir=[])
@@ -441,10 +380,10 @@ def test_downloads_take_exactly_glues_files(tmp_path, monkeypatch, server, asset
 def test_a_download_with_other_row_counts_is_not_cached(tmp_path, monkeypatch, server):
     files, url = server
     serve_glue(files, url, monkeypatch)
-    monkeypatch.setitem(tg.DEV_ROWS, "cola", (1043,))
+    monkeypatch.setitem(glue_data.DEV_ROWS, "cola", (1043,))
     cache = tmp_path / "new" / "cache"
-    with pytest.raises(tg.DataError, match=r"dev.tsv has 10 examples, GLUE's has 1043: GLUE's mirror changed"):
-        tg.fetch_glue("cola", cache)
+    with pytest.raises(glue_data.DataError, match=r"dev.tsv has 10 examples, GLUE's has 1043: GLUE's mirror changed"):
+        glue_data.fetch_glue("cola", cache)
     assert not (tmp_path / "new").exists()  # the cache folders it made are gone again
 
 
@@ -459,7 +398,7 @@ def test_a_cached_wrong_folder_is_refused_with_the_rebuild_hint(tmp_path, capsys
 
 
 def test_offline_glue_download_names_data_dir_and_leaves_nothing(tmp_path, capsys, monkeypatch, assets):
-    monkeypatch.setattr(tg, "GLUE_URL", "http://127.0.0.1:9/glue/")  # nothing listens on the discard port
+    monkeypatch.setattr(glue_data, "GLUE_URL", "http://127.0.0.1:9/glue/")  # nothing listens on the discard port
     message = user_error(capsys, ["--task", "rte", "--model", str(assets[0]["bert"]),
                                   "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
     assert "cannot download GLUE rte" in message and "pass --data_dir with a RTE folder" in message
@@ -607,7 +546,7 @@ def test_roberta_pair_regression(assets, tmp_path):
 def test_every_task_trains(assets, tmp_path, task):
     result, _ = run(assets, tmp_path, "--max_steps", "2", "--max_eval_samples", "12", task=task,
                     model="roberta" if task == "qnli" else "bert")
-    assert set(result["last"]["dev"]) == set(tg.TASKS[task]["metrics"]) | {"loss"}
+    assert set(result["last"]["dev"]) == set(glue_data.TASKS[task]["metrics"]) | {"loss"}
     assert result["trainable"]["head"] > 0 and math.isfinite(result["last"]["dev"]["loss"])
 
 
@@ -615,7 +554,7 @@ def test_mnli_scores_matched_and_mismatched(assets, tmp_path):
     result, _ = run(assets, tmp_path, "--max_steps", "2", task="mnli", model="roberta")
     assert set(result["last"]["dev"]) == {"accuracy", "loss", "accuracy_mismatched", "loss_mismatched"}
     assert result["data"]["dev_examples"] == {"dev_matched.tsv": 24, "dev_mismatched.tsv": 24}
-    assert tg.reported("mnli") == ["accuracy", "accuracy_mismatched"]
+    assert glue_data.reported("mnli") == ["accuracy", "accuracy_mismatched"]
 
 
 def test_mnli_matched_picks_the_best_epoch(assets, tmp_path, monkeypatch):
@@ -667,34 +606,7 @@ def test_it_learns_the_tiny_task(assets, tmp_path):
     assert uni["best"]["dev"]["accuracy"] > head["best"]["dev"]["accuracy"] + 0.1
 
 
-# ----------------------------------------------------------------------------- seeds, summary, Table 1
-
-def fake_run(task, seed, value, *, model="FacebookAI/roberta-base", method="unilora", mismatched=None, epoch=3,
-             **settings):
-    """A results.json as a training run writes it, reduced to what the summary and the table read."""
-    metric = tg.TASKS[task]["metrics"][0]
-    dev = {metric: value, "loss": 0.5}
-    if mismatched is not None:
-        dev[metric + "_mismatched"] = mismatched
-    d = 23040 if method == "unilora" else None
-    cfg = {"task": task, "model": model, "preset": "base", "method": method, "d": d, "signs": d and True,
-           "lr": 5e-3, "head_lr": 1e-4, "epochs": 60, "seed": seed, "data_dir": f"/data/{task}", **settings}
-    return {"config": cfg, "from_recipe": ["head_lr", "lr", "epochs"], "epochs": [{"epoch": epoch, "dev": dev}],
-            "best": {"epoch": epoch, "dev": dev}, "trainable": {"d": d or 294912, "D": 294912, "head": 592130}}
-
-
-def test_summary_statistics_against_numpy():
-    values = [0.91, 0.935, 0.9, 0.952, 0.927]
-    runs = [fake_run("mnli", seed, v, mismatched=v - 0.01, epoch=seed + 2) for seed, v in enumerate(values, 1)]
-    summary = tg.summarize(runs)
-    assert summary["task"] == "mnli" and summary["metric"] == "accuracy" and summary["seeds"] == [1, 2, 3, 4, 5]
-    assert summary["best_epoch"] == {"1": 3, "2": 4, "3": 5, "4": 6, "5": 7}
-    for key, vals in (("accuracy", np.array(values)), ("accuracy_mismatched", np.array(values) - 0.01)):
-        s = summary[key]
-        assert s["values"] == pytest.approx(vals.tolist())
-        assert s["mean"] == pytest.approx(np.mean(vals)) and s["median"] == pytest.approx(np.median(vals))
-        assert s["std"] == pytest.approx(np.std(vals, ddof=1))  # the sample std over seeds
-
+# ----------------------------------------------------------------------------- seeds and their summary
 
 def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path, capsys):
     summary, out = run(assets, tmp_path, "--seeds", "1,2", "--max_steps", "2")
@@ -717,58 +629,6 @@ def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path, capsys):
 def write_results(folder, results):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
-
-
-def test_table_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
-    for seed, v in ((1, 0.94), (2, 0.95), (3, 0.93)):
-        write_results(tmp_path / "base" / "sst2" / f"seed-{seed}", fake_run("sst2", seed, v))
-    for seed, v in ((1, 0.60), (2, 0.64)):
-        write_results(tmp_path / "base" / "cola" / f"seed-{seed}", fake_run("cola", seed, v))
-    write_results(tmp_path / "base" / "mnli", fake_run("mnli", 1, 0.87, mismatched=0.88))
-    write_results(tmp_path / "base" / "sst2" / "seed-1" / "eval-1", {"kind": "eval", "dev": {"accuracy": 0.1}})
-    write_results(tmp_path / "base" / "cola.partial", fake_run("cola", 3, 0.0))  # unfinished: not a result
-    write_results(tmp_path / "base" / "math", {"config": {"model": "x"}, "best": {}, "epochs": []})  # not GLUE
-    write_results(tmp_path / "lora", fake_run("sst2", 1, 0.95, method="lora"))
-    write_results(tmp_path / "proj", fake_run("sst2", 1, 0.90, projection="fastfood"))  # a future setting
-    tg.main(["--table", str(tmp_path / "base"), str(tmp_path / "lora"), str(tmp_path / "proj"),
-             str(tmp_path / "base" / "sst2")])  # overlapping folders count each run once
-    assert capsys.readouterr().out.splitlines() == [
-        "| model | method | d | projection | signs | params | SST-2 | CoLA | MNLI |",
-        "|---|---|---|---|---|---|---|---|---|",
-        "| FacebookAI/roberta-base | Uni-LoRA | 23040 | - | True | 0.023M | 94.0 ± 1.0 (3) | 62.0 ± 2.8 (2) | 87.0 / 88.0 (1) |",
-        "| FacebookAI/roberta-base | Uni-LoRA | 23040 | fastfood | True | 0.023M | 90.0 (1) | - | - |",
-        "| FacebookAI/roberta-base | LoRA | - | - | - | 0.295M | 95.0 (1) | - | - |",
-        "| FacebookAI/roberta-base | Uni-LoRA (paper, no signs) | - | - | - | 0.023M | 94.5 | 64.6 | - |",
-    ]
-
-
-def test_table_shows_what_each_row_costs_as_medians(tmp_path, capsys):
-    """The ablation's columns: s/step, P theta_d time and bytes, peak RSS, each the median over the row's runs."""
-    for seed, (sec, ms, rss) in enumerate(((0.5, 2.0, 900.0), (0.7, 4.0, 1000.0), (0.6, 3.0, 800.0)), 1):
-        run = fake_run("sst2", seed, 0.9, projection="fastfood")
-        run.update(seconds_per_step_median=sec, projection_ms=ms, projection_bytes=165888, peak_rss_mb=rss)
-        write_results(tmp_path / f"ff-{seed}", run)
-    write_results(tmp_path / "head", dict(fake_run("sst2", 1, 0.8, method="head"), seconds_per_step_median=0.25))
-    tg.main(["--table", str(tmp_path)])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("| SST-2 | s/step | P ms | P bytes | peak RSS MB |")
-    assert lines[2].endswith("| 90.0 ± 0.0 (3) | 0.6 | 3 | 165,888 | 900 |")
-    assert lines[3].endswith("| 80.0 (1) | 0.25 | - | - | - |")
-
-
-def test_table_average_and_paper_row_for_all_six_tasks(tmp_path, capsys):
-    ours = {"sst2": 0.94, "mrpc": 0.90, "cola": 0.60, "qnli": 0.92, "rte": 0.80, "stsb": 0.91}
-    for task, v in ours.items():
-        write_results(tmp_path / task, fake_run(task, 1, v, model="roberta-base"))
-    write_results(tmp_path / "other", fake_run("rte", 1, 0.5, model="/data/my-bert"))  # no paper numbers
-    tg.main(["--table", str(tmp_path)])
-    assert capsys.readouterr().out.splitlines() == [
-        "| model | params | SST-2 | MRPC | CoLA | QNLI | RTE | STS-B | avg |".replace("| params", "| method | params"),
-        "|---|---|---|---|---|---|---|---|---|---|",
-        "| /data/my-bert | Uni-LoRA | 0.023M | - | - | - | - | 50.0 (1) | - | - |",
-        "| roberta-base | Uni-LoRA | 0.023M | 94.0 (1) | 90.0 (1) | 60.0 (1) | 92.0 (1) | 80.0 (1) | 91.0 (1) | 84.5 |",
-        "| roberta-base | Uni-LoRA (paper, no signs) | 0.023M | 94.5 | 89.7 | 64.6 | 92.3 | 79.8 | 90.9 | 85.3 |",
-    ]
 
 
 # ----------------------------------------------------------------------------- failures: short, named, no leftovers

@@ -4,20 +4,18 @@ Why this file exists: the math script glues data parsing, prompt masking, Uni-Lo
 generation-based scoring together; each piece is easy to get subtly wrong (a prompt token left in the loss, an
 answer read from the wrong number, a resumed run that sees different batches), and the numbers are only
 comparable with the paper's Table 3 if every rule of the official protocol holds.  The official rules are
-checked on hand-written generations and on a table of answers taken from real MATH solutions.  The tests
+checked on their own in test_math_scoring.py, the data files in test_math_data.py.  The tests here
 build a tiny random Llama-style checkpoint and a byte-level BPE tokenizer.json in a temporary folder and run
 the real script on them: in-process through main(argv) for speed, and once as a subprocess for the command line.
 """
 import argparse
 import contextlib
-import http.server
 import json
 import os
 import runpy
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,12 @@ import torch
 
 import pretrained
 import train_math
-from train_math import (NonFiniteLoss, UserError, cut_at_stop, extract_answer, last_boxed, main, math_equal,
-                        official_gsm8k_answer, official_math_answer, same_number, to_metamath_format)
+import unilora
+from recipes import generation, math_data
+from recipes.generation import cut_at_stop
+from recipes.training import NonFiniteLoss, UserError
+from train_math import main
+from references import byte_symbols
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
@@ -34,20 +36,6 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
           "assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def byte_symbols():
-    """The byte-level BPE alphabet: printable bytes stand for themselves, the others are shifted past 255 so
-    every byte has a visible symbol (space -> 'Ġ', newline -> 'Ċ')."""
-    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    shifted, out = 0, {}
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + shifted)
-            shifted += 1
-    return out
 
 
 def write_tokenizer(folder):
@@ -129,7 +117,7 @@ def base_args(tiny, out, *extra):
 def formatter(tiny, template="alpaca", protocol="official"):
     tok = train_math.Tokenizer.from_pretrained(tiny["model"])
     config = json.loads((Path(tiny["model"]) / "config.json").read_text())
-    return train_math.Formatter(tok, template, tiny["model"], config, protocol=protocol)
+    return math_data.Formatter(tok, template, tiny["model"], config, protocol=protocol)
 
 
 def strict_json(path):
@@ -137,176 +125,6 @@ def strict_json(path):
     def refuse(name):
         raise ValueError(f"{path} holds {name}")
     return json.loads(Path(path).read_text(), parse_constant=refuse)
-
-
-# ------------------------------------------------------------------------------------ official scoring: GSM8K
-
-@pytest.mark.parametrize("completion, number", [
-    ("3 + 4 = 7.\nThe answer is: 7", 7),
-    ("The answer is 2 * 1.5 = 3.", None),          # no 'The answer is: ': wrong, whatever follows
-    ("The answer is: 17.6", 18),                   # round(float(...))
-    ("The answer is: 2.5", 2),                     # Python's round: halves to even
-    ("The answer is: 3.5", 4),
-    ("The answer is: 1,234", 1234),
-    ("The answer is: 1,234,567", 1234),            # one separator only: the official pattern stops there
-    ("The answer is: 3/4", 1),                     # a fraction, rounded
-    ("The answer is: 7/0", 7),                     # a zero denominator gives the numerator
-    ("The answer is: /5", None),
-    ("The answer is: $-12.", -12),
-    ("The answer is: .5", 0),
-    ("The answer is: 7\nWait.\nThe answer is: 9", 9),   # the LAST marker
-    ("The answer is: x = 5 apples", 5),            # the first number after it
-    ("The answer is: 3 or 4", 3),
-    ("The answer is: seven", None),
-    ("The answer is:5", None),                     # the marker includes its space
-    ("the answer is: 5", None),                    # and its capital
-    ("so 5 + 6 = 11\n#### 11", None),
-    ("The answer is: " + "9" * 400, None),         # float overflows to inf: no number
-    ("The answer is: " + "9" * 400 + "/7", None),
-    ("The answer is: " + "9" * 5000 + "/0", None),
-])
-def test_official_gsm8k_reading(completion, number):
-    assert official_gsm8k_answer(completion) == number
-
-
-@pytest.mark.parametrize("completion, reference, official, lenient", [
-    ("The answer is 2 * 1.5 = 3.", 3.0, False, False),     # official: no 'The answer is: '; lenient reads 2
-    ("The answer is: 17.6", 18.0, True, False),            # official rounds; lenient wants 18 exactly
-    ("The answer is: 1,234,567", 1234567.0, False, True),
-    ("So 5 apples.\n#### 5", 5.0, False, True),
-    ("The answer is: 42", 42.0, True, True),
-])
-def test_official_and_lenient_verdicts(completion, reference, official, lenient):
-    _, ok, _, ok_lenient = train_math.score("gsm8k", completion, {"reference": reference})
-    assert (ok, ok_lenient) == (official, lenient)
-
-
-def test_official_protocol_constants():
-    official = train_math.PROTOCOLS["official"]
-    assert official["stop"] == ("Instruction:", "Instruction", "Response:", "Response")
-    assert official["max_new_tokens"] == {"gsm8k": 1024, "math": 2048}
-    assert official["separator"] == "" and official["eval_suffix"] == " Let's think step by step."
-
-
-def test_official_gsm8k_references():
-    assert train_math.gsm8k_reference("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234") == 1234.0
-    assert train_math.gsm8k_reference("So she has 18.\nThe answer is: 18") == 18.0
-    assert train_math.gsm8k_reference("no final answer here") is None
-
-
-# ------------------------------------------------------------------------------------- official scoring: MATH
-
-@pytest.mark.parametrize("completion, answer", [
-    ("So x = 9/7.\nThe answer is: \\frac{9}{7}", "\\frac{9}{7}"),
-    ("The answer is: \\frac{9}{7}.\nThat is all.", "\\frac{9}{7}"),     # up to '.\n', the final '.' dropped
-    ("The answer is: 3.5.", "3.5"),
-    ("The answer is: 1.\nNo: The answer is: 2", "2"),
-    ("The answer is \\boxed{2}", None),
-])
-def test_official_math_reading(completion, answer):
-    assert official_math_answer(completion) == answer
-
-
-@pytest.mark.parametrize("solution, boxed", [
-    ("the graph has $\\boxed{2}$ vertical asymptotes.", "2"),
-    ("$1+\\dfrac{2}{7}=\\boxed{\\dfrac{9}{7}}$.", "\\dfrac{9}{7}"),
-    ("is $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("first $\\boxed{1}$, then $\\boxed{\\{1, 2\\}}$", "\\{1, 2\\}"),
-    ("an old \\fbox{5}", None),     # the official remove_boxed accepts '\\boxed{' only
-    ("$\\boxed 5$", None),
-    ("$\\boxed{5$", None),
-    ("no box at all", None),
-])
-def test_reference_is_the_last_boxed(solution, boxed):
-    assert last_boxed(solution) == boxed
-
-
-# (prediction after 'The answer is: ', reference from a real MATH solution's \boxed{}, equal under MetaMath's
-# normalisation).  The False rows are differences the official rules do not forgive.
-MATH_PAIRS = [
-    ("\\frac{1}{3}", "\\frac 13", True),
-    ("1/3", "\\frac 13", True),
-    ("0.5", "\\frac{1}{2}", True),
-    (".5", "\\frac{1}{2}", True),
-    ("\\frac{33}{100}", "\\dfrac{33}{100}", True),
-    ("9/7", "\\dfrac{9}{7}", True),
-    ("1.2857", "\\dfrac{9}{7}", False),
-    ("(-\\infty,\\frac{3}{7}]\\cup[\\frac{3}{5},\\infty)", "(-\\infty, \\tfrac37] \\cup [\\tfrac35, \\infty) ", True),
-    ("120", "120^\\circ", True),
-    ("139^{\\circ}", "139^\\circ", True),
-    ("16,386.16", "\\$16,\\!386.16", True),
-    ("16386.16", "\\$16,\\!386.16", False),     # commas are kept
-    ("30240", "30,\\!240", False),
-    ("2.50", "\\$2.50", True),
-    ("-0.5", "-\\$0.50", False),                # trailing zeros are kept
-    ("7", "7\\%", True),
-    ("7%", "7\\%", False),                      # only the escaped \\% is removed
-    ("4", "x = 4", True),
-    ("2x", "y = 2x", True),
-    ("10x-4y-5z-20=0", "10x - 4y - 5z - 20 = 0", True),
-    ("65", "65 \\text{ children tickets }", True),
-    ("135", "135\\text{ square feet}", True),
-    ("(C)", "\\text{(C)}", False),              # '\\text{' without a space is not a unit
-    ("7, -2, -5", "7, -2, \\text{ and } -5", False),   # everything from '\\text{ ' on is dropped
-    ("6\\sqrt3", "6\\sqrt{3}", True),
-    ("36\\sqrt{3}", "36 \\sqrt{3}", True),
-    ("(3\\sqrt{3}, -9, -2)", "(3 \\sqrt{3}, -9, -2)", True),
-    ("\\frac{3\\pi}{4}", "\\frac{3 \\pi}{4}", True),
-    ("[-\\frac{\\pi}{2},\\frac{\\pi}{2}]", "\\left[ -\\frac{\\pi}{2}, \\frac{\\pi}{2} \\right]", True),
-    ("\\frac{3}{2}+\\frac{3}{2}i", "\\frac{3}{2} + \\frac{3}{2} i", True),
-    ("\\frac{7}{15}", " \\frac{7}{15}", True),
-    ("-\\frac{1}{3}, 3", "3, -\\frac{1}{3}", False),
-    ("2.0", "2", False),
-    ("\\frac{1}{16}", "\\frac{1}{8}", False),
-    ("23.3", "23.31", False),
-    ("2\\sqrt", "2\\sqrt", True),               # normalising raises officially: the raw strings are compared
-    ("2\\sqrt", "2\\sqrt{}", False),
-    ("1" * 5000 + "/2", "\\frac{1}{2}", False),
-    (None, "5", False),
-]
-
-
-@pytest.mark.parametrize("prediction, reference, equal", MATH_PAIRS)
-def test_math_answers_compare_like_metamath(prediction, reference, equal):
-    assert math_equal(prediction, reference) is equal
-
-
-def test_lenient_math_reading_is_separate():
-    """The lenient reading forgives what the official one does not, and never changes the official verdict."""
-    assert train_math.lenient_math_equal("30240", "30,\\!240") and not math_equal("30240", "30,\\!240")
-    assert train_math.lenient_math_equal("2.0", "2") and train_math.lenient_math_equal("7%", "7\\%")
-    assert not train_math.lenient_math_equal("23.3", "23.31")
-    assert train_math.lenient_math_answer("so the answer is \\boxed{5}.") == "\\boxed{5}"
-    assert train_math.lenient_math_answer("hence $\\boxed{\\frac{1}{2}}$") == "\\frac{1}{2}"
-
-
-# -------------------------------------------------------------------------------------- lenient GSM8K reading
-
-@pytest.mark.parametrize("text, answer, rule", [
-    ("She has 3 left.\nThe answer is: 18", "18", "answer_is"),
-    ("The answer is: $1,234.00.", "1234", "answer_is"),
-    ("the answer is 7, not 9", "7", "answer_is"),
-    ("The answer is: -0.50", "-0.5", "answer_is"),
-    ("2 + 3 = 5\n#### 72", "72", "####"),
-    ("It costs $12 and then 1,000 more.", "1000", "last_number"),
-    ("I count 4 apples. The answer is: unknown", "4", "last_number"),
-    ("no digits at all", None, "none"),
-    ("The answer is: " + "9" * 5000, None, "answer_is"),
-])
-def test_lenient_reading(text, answer, rule):
-    assert extract_answer(text) == (answer, rule)
-
-
-def test_same_number():
-    assert same_number("18", "18") and same_number("0.5", "0.50") and same_number("1000", "1000.0")
-    assert not same_number("18", "19") and not same_number(None, "1")
-
-
-def test_gsm8k_answers_take_metamath_form():
-    converted = to_metamath_format(problem(2, 3)["answer"])
-    assert converted == "2 plus 3 is 5.\nThe answer is: 5"  # calculator notes gone, '#### 5' rewritten
-    assert official_gsm8k_answer(converted) == 5
-    assert to_metamath_format("Plain MetaMathQA text.\nThe answer is: 4") == "Plain MetaMathQA text.\nThe answer is: 4"
 
 
 # ---------------------------------------------------------------------------------------- prompts, decoding
@@ -337,7 +155,7 @@ def test_plain_protocol_keeps_the_space_and_the_training_prompt(tiny):
 
 
 def test_cut_at_stop_strings():
-    stop = train_math.PROTOCOLS["official"]["stop"]
+    stop = math_data.PROTOCOLS["official"]["stop"]
     text = "2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction:\nWhat is 1 plus 1?\n\n### Response: 2"
     assert cut_at_stop(text, stop) == "2 plus 3 is 5.\nThe answer is: 5\n\n### "
     assert cut_at_stop("The Response was 4. The answer is: 4", stop) == "The "   # any occurrence, as vLLM
@@ -362,19 +180,19 @@ class ScriptedLM(torch.nn.Module):
 
 def test_generation_stops_at_stop_strings_eos_and_budget(tiny):
     tok = train_math.Tokenizer.from_pretrained(tiny["model"])
-    stop = train_math.PROTOCOLS["official"]["stop"]
+    stop = math_data.PROTOCOLS["official"]["stop"]
     ramble = tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction:\nWhat is 9 plus 9?" * 3).ids
     short = tok.encode(" 5").ids + [2] + tok.encode(" never read").ids
     long = tok.encode(" 1" * 100).ids
     model = ScriptedLM([ramble, short, long], vocab=400)
-    rows, why = train_math.generate(model, [[5, 6], [7], [8, 9, 10]], 2, 2, 120, stop, tok.decode, "cpu",
+    rows, why = generation.generate(model, [[5, 6], [7], [8, 9, 10]], 2, 2, 120, stop, tok.decode, "cpu",
                                     contextlib_null)
     assert why == ["stop", "eos", "length"]
     assert cut_at_stop(tok.decode(rows[0]), stop) == "2 plus 3 is 5.\nThe answer is: 5\n\n### "
     assert rows[1] == tok.encode(" 5").ids and len(rows[2]) == 120
     assert model.calls == 120  # the budget, not more
     model = ScriptedLM([ramble], vocab=400)
-    train_math.generate(model, [[5]], 2, 2, 500, stop, tok.decode, "cpu", contextlib_null)
+    generation.generate(model, [[5]], 2, 2, 500, stop, tok.decode, "cpu", contextlib_null)
     assert model.calls <= len(tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction").ids) + 8
 
 
@@ -386,87 +204,10 @@ def test_left_padded_batches_generate_what_single_prompts_do(tiny):
     tok = train_math.Tokenizer.from_pretrained(tiny["model"])
     model = pretrained.CausalLM.from_pretrained(tiny["model"])
     prompts = [tok.encode(q).ids for q in ("What is 12 plus 30?", "What is 7 plus 8? Think.", "Hi")]
-    batch, _ = train_math.generate(model, prompts, 2, 2, 5, (), tok.decode, "cpu", contextlib_null)
-    single = [train_math.generate(model, [p], 2, 2, 5, (), tok.decode, "cpu", contextlib_null)[0][0]
+    batch, _ = generation.generate(model, prompts, 2, 2, 5, (), tok.decode, "cpu", contextlib_null)
+    single = [generation.generate(model, [p], 2, 2, 5, (), tok.decode, "cpu", contextlib_null)[0][0]
               for p in prompts]
     assert batch == single
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-def test_bad_lines_name_file_and_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(problem(1, 2)) + "\n\n{not json\n")
-    with pytest.raises(UserError, match=r"bad\.jsonl:3: not valid JSON"):
-        train_math.read_records(bad)
-    bad.write_text(json.dumps(problem(1, 2)) + "\n" + json.dumps({"question": "q"}) + "\n")
-    records = train_math.read_records(bad)
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: has no field 'answer'"):
-        train_math.get_pairs(records, "question", "answer")
-    odd = tmp_path / "odd.jsonl"
-    odd.write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
-    with pytest.raises(UserError, match="--prompt_field"):
-        train_math.pick_fields(train_math.read_records(odd), None, None, odd)
-    assert train_math.pick_fields(train_math.read_records(odd), "q", "a", odd) == ("q", "a")
-
-
-def test_bom_is_accepted_and_other_encodings_name_the_line(tmp_path):
-    path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(problem(1, 2)).encode() + b"\n")
-    assert train_math.read_records(path)[0][1]["question"] == "What is 1 plus 2?"
-    latin = tmp_path / "latin1.jsonl"
-    latin.write_bytes(json.dumps(problem(1, 2)).encode() + b'\n{"question": "caf\xe9", "answer": "#### 1"}\n')
-    with pytest.raises(UserError, match=r"latin1\.jsonl:2: not UTF-8") as err:
-        train_math.read_records(latin)
-    assert "\n" not in str(err.value)
-
-
-class Recorder(http.server.BaseHTTPRequestHandler):
-    """Serves a small JSONL for any path and remembers the Authorization header of each request."""
-    seen = []
-
-    def do_GET(self):
-        Recorder.seen.append((self.server.server_address[1], self.path, self.headers.get("Authorization")))
-        body = (json.dumps(problem(1, 1)) + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-def test_the_token_goes_to_the_hub_only(tmp_path, monkeypatch):
-    hub, other = (http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder) for _ in range(2))
-    for server in (hub, other):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    Recorder.seen = []
-    try:
-        hub_port, other_port = hub.server_address[1], other.server_address[1]
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub_port}")
-        monkeypatch.setenv("HF_TOKEN", "secret-from-env")
-        monkeypatch.setattr(train_math, "GSM8K_URL", f"http://127.0.0.1:{other_port}/{{split}}.jsonl")
-        monkeypatch.setattr(train_math, "MATH_URL", f"http://127.0.0.1:{other_port}/MATH_test.jsonl")
-        train_math.fetch("metamathqa", "train", tmp_path / "a", token="secret")
-        train_math.fetch("metamathqa", "train", tmp_path / "b", token=None)
-        train_math.fetch(f"http://127.0.0.1:{hub_port}/datasets/x/y.jsonl", "train", tmp_path, token="secret")
-        train_math.fetch(f"http://127.0.0.1:{other_port}/my.jsonl", "train", tmp_path, token="secret")
-        odd = train_math.fetch(f"http://127.0.0.1:{other_port}/x/..", "train", tmp_path, token="secret")
-        train_math.fetch("gsm8k", "test", tmp_path, token="secret")
-        train_math.fetch("math", "test", tmp_path, token="secret")
-    finally:
-        hub.shutdown()
-        other.shutdown()
-    by_port = {(port, path): auth for port, path, auth in Recorder.seen}
-    assert by_port[(hub_port, "/datasets/meta-math/MetaMathQA/resolve/main/MetaMathQA-395K.json")] in (
-        "Bearer secret", "Bearer secret-from-env")
-    assert [a for p, _, a in Recorder.seen if p == hub_port] == ["Bearer secret", "Bearer secret-from-env",
-                                                                 "Bearer secret"]
-    assert sorted(path for p, path, _ in Recorder.seen if p == other_port) == ["/MATH_test.jsonl", "/my.jsonl",
-                                                                              "/test.jsonl", "/x/.."]
-    assert odd.name == "data" and odd.parent.parent == tmp_path / "urls"  # a URL never names a path outside
-    assert all(auth is None for p, _, auth in Recorder.seen if p == other_port)
 
 
 def test_math_test_files_of_both_layouts(tiny, tmp_path):
@@ -481,7 +222,7 @@ def test_math_test_files_of_both_layouts(tiny, tmp_path):
                                              (metamath, "Find $\\frac{1}{2}+\\frac{1}{2}$.", "1", None)):
         args = argparse.Namespace(eval_data=str(path), data_dir=tmp_path, hf_token=None, max_eval_samples=None,
                                   max_new_tokens=None, protocol="official")
-        task, items = train_math.load_eval_items(args, fmt)
+        task, items = math_data.load_eval_items(args, fmt)
         assert task == "math" and args.max_new_tokens == 2048  # the official MATH budget
         assert (items[0]["question"], items[0]["reference"], items[0]["level"]) == (question, reference, level)
 
@@ -570,7 +311,8 @@ def test_resume_refuses_changed_data_precision_and_pickles(tiny, tmp_path):
     with pytest.raises(UserError, match="cannot be read as a checkpoint"):
         main(args + ["--resume"])
     assert not marker.exists()
-    assert "weights_only=False" not in (HERE / "train_math.py").read_text()
+    for code in [HERE / "train_math.py", *sorted((HERE / "recipes").glob("*.py"))]:  # the script and what it runs
+        assert "weights_only=False" not in code.read_text(), code
 
 
 def test_lora_baseline_and_base_model(tiny, tmp_path):
@@ -595,7 +337,7 @@ def test_merge_happens_in_fp32_outside_autocast(tiny, tmp_path, monkeypatch):
     """Train and evaluate under bf16 autocast; merge() must run with autocast off, so that every merged weight
     is W + B A (computed here in float64) rounded once to fp32."""
     seen = []
-    original = train_math.unilora.UniLoRA.merge
+    original = unilora.UniLoRA.merge
 
     def spy(self):
         factors = [(m.base.weight.detach().double().clone(), *(t.detach().double() for t in m.lora_factors()),
@@ -606,7 +348,7 @@ def test_merge_happens_in_fp32_outside_autocast(tiny, tmp_path, monkeypatch):
             exact = W + B @ A
             assert ((merged.double() - exact).abs() <= exact.abs() * 2 ** -23 + 1e-9).all()  # one fp32 rounding
         return model
-    monkeypatch.setattr(train_math.unilora.UniLoRA, "merge", spy)
+    monkeypatch.setattr(unilora.UniLoRA, "merge", spy)
     res = main(base_args(tiny, tmp_path / "amp", "--max_steps", "2", "--dtype", "float32", "--amp", "bf16"))
     assert seen == [False] and res["precision"] == {"dtype": "float32", "amp": "bf16"}
 
@@ -764,7 +506,7 @@ def test_projection_flag_is_recorded_resumed_and_reloaded(tiny, tmp_path):
     run = tmp_path / "local"
     out = main(base_args(tiny, run, "--projection", "local", "--max_steps", "2", "--stop_after", "1", "--no_eval"))
     assert out["projection"] == "local" and json.loads((run / "run.json").read_text())["projection"] == "local"
-    assert train_math.unilora.read_adapter_file(str(run / "adapter.pt"))[0]["projection"]["kind"] == "local"
+    assert unilora.read_adapter_file(str(run / "adapter.pt"))[0]["projection"]["kind"] == "local"
     with pytest.raises(UserError, match=r"--projection: 'local' -> 'iid'"):
         main(base_args(tiny, run, "--projection", "iid", "--max_steps", "2", "--resume"))
     with pytest.raises(UserError, match=r"--projection: 'local' -> 'balanced'"):  # left out: the default, refused
