@@ -46,7 +46,7 @@ GAUSSIAN_MAX_ENTRIES = 2 ** 28  # D*d above this (1 GiB in fp32) is refused: use
 # Index variants: one nonzero per row, as the default, with another choice of columns or scale
 # ----------------------------------------------------------------------------------------------------------
 
-def iid_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tuple[torch.Tensor, bool]:
+def iid_index(sizes: list[int], d: int, seed: int = 0, signs: bool = False) -> tuple[torch.Tensor, bool]:
     """Each row's column drawn uniformly at random, independently of the others (the paper's description)."""
     D = _total(sizes, d)
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +54,7 @@ def iid_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tu
     return _with_signs(columns, d, generator, signs), True
 
 
-def local_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tuple[torch.Tensor, bool]:
+def local_index(sizes: list[int], d: int, seed: int = 0, signs: bool = False) -> tuple[torch.Tensor, bool]:
     """Layer l draws only on its own contiguous range of columns, its width proportional to the layer's size."""
     _total(sizes, d)
     layer_sizes = [a + b for a, b in zip(sizes[0::2], sizes[1::2])]
@@ -69,7 +69,7 @@ def local_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> 
     return _with_signs(columns, d, generator, signs), True
 
 
-def nonuniform_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True,
+def nonuniform_index(sizes: list[int], d: int, seed: int = 0, signs: bool = False,
                      load_ratio: float = NONUNIFORM_LOAD_RATIO) -> tuple[torch.Tensor, bool]:
     """A-rows on columns [0, d_A), B-rows on [d_A, d), each pool balanced and global across layers.
 
@@ -94,7 +94,7 @@ def nonuniform_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True
     return _with_signs(columns, d, generator, signs), True
 
 
-def nonorm_index(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> tuple[torch.Tensor, bool]:
+def nonorm_index(sizes: list[int], d: int, seed: int = 0, signs: bool = False) -> tuple[torch.Tensor, bool]:
     """The default balanced index, same seed, same rows, without 1/sqrt(n_j): only the isometry is lost."""
     return unilora.make_projection(_total(sizes, d), d, seed, signs), False
 
@@ -139,7 +139,7 @@ def _apportion(weights: list[int], total: int) -> list[int]:
 
 
 def _index_kind(index: Callable, kind: str) -> Callable:
-    def factory(sizes: list[int], d: int, seed: int = 0, signs: bool = True) -> nn.Module:
+    def factory(sizes: list[int], d: int, seed: int = 0, signs: bool = False) -> nn.Module:
         idx, normalize = index(sizes, d, seed, signs)
         return as_module(idx, d, normalize, kind)
     factory.__name__ = kind
@@ -179,7 +179,7 @@ class Fastfood(nn.Module):
     """
     kind = "fastfood"
 
-    def __init__(self, sizes: list[int], d: int, seed: int = 0, signs: bool = True):
+    def __init__(self, sizes: list[int], d: int, seed: int = 0, signs: bool = False):
         super().__init__()
         _signed_by_construction(self.kind, signs)
         self.D, self.d, self.seed = _total(sizes, d), d, seed
@@ -211,7 +211,7 @@ class Gaussian(nn.Module):
     """theta_D = M theta_d, M dense with i.i.d. N(0, 1/D) entries, so that E[M^T M] = I_d. O(D d) time and memory."""
     kind = "gaussian"
 
-    def __init__(self, sizes: list[int], d: int, seed: int = 0, signs: bool = True):
+    def __init__(self, sizes: list[int], d: int, seed: int = 0, signs: bool = False):
         super().__init__()
         _signed_by_construction(self.kind, signs)
         self.D, self.d, self.seed = _total(sizes, d), d, seed
@@ -235,8 +235,8 @@ class Gaussian(nn.Module):
 
 def _signed_by_construction(kind: str, signs: bool) -> None:
     if not signs:
-        raise ValueError(f"{kind} projection: signs=False (--no-signs) applies to index projections only; "
-                         f"{kind}'s P has random signs by construction. Drop --no-signs for this kind.")
+        raise ValueError(f"{kind} projection: its P has random signs by construction, and signs=False (the paper's "
+                         f"all-positive P, --no-signs) applies to index projections only; pass signs=True (--signs).")
 
 
 def _digest(*tensors: torch.Tensor) -> str:

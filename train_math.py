@@ -11,14 +11,16 @@ outside autocast), the test problems are decoded greedily and the answer after "
     python train_math.py --method lora            # plain-LoRA baseline through the same pipeline
     python train_math.py --method none            # the base model, no training
     python train_math.py --eval_only --load out/math-unilora   # evaluate a saved run again (into eval-N/)
+    python train_math.py --score preds.jsonl --eval_data math  # grade generations made elsewhere, no model
     torchrun --nproc_per_node 8 -- train_math.py --recipe paper  # data parallel: 8 copies share each batch
 
 --protocol official (the default) is the official code's protocol, point by point: training text = prompt +
 response + EOS with no separator; evaluation prompt ending "### Response: Let's think step by step."; decoding
 stops at "Instruction:", "Instruction", "Response:", "Response" or EOS, within 1,024 new tokens (MATH: 2,048);
-GSM8K: the first number after the LAST "The answer is: ", round(float(...)) == reference; MATH: the text after
-it equals the last \\boxed{...} of the reference solution after MetaMath's LaTeX normalisation. A lenient reading
-is reported next to it under its own name. --protocol plain is this project's earlier protocol.
+GSM8K: the first number after the LAST "The answer is: ", round(float(...)), compared by the official grader;
+MATH: the text after it against the last \\boxed{...} of the reference solution by the official grader (see
+recipes/math_scoring.py: numbers, the percent rule, brackets, tuples, sympy, the exception path). The strict and
+lenient readings are reported next to it under their own names. --protocol plain is this project's earlier one.
 
 Needs only torch, numpy and tqdm (models, tokenizers and hub downloads come from pretrained/, the adapters
 from unilora.py and projections.py, data, scoring and decoding from recipes/). Outputs in --output_dir: run.json,
@@ -48,8 +50,9 @@ from projections import PROJECTIONS
 from recipes.adapters import AdapterSettings, build_adapter, merge_for_eval
 from recipes.checkpoint import TrainingState, batch_order, read_checkpoint, resume, save_checkpoint
 from recipes.generation import answer_loglik, at_least_fp32, cut_at_stop, generate
-from recipes.math_data import PROTOCOLS, Formatter, load_eval_items, load_train_examples, protocol_record
-from recipes.math_scoring import ANSWER_MARK, score_all
+from recipes.math_data import (PROTOCOLS, Formatter, load_eval_items, load_predictions, load_train_examples,
+                                protocol_record)
+from recipes.math_scoring import ANSWER_MARK, score_all, summary_lines
 from recipes.training import (NonFiniteLoss, Parser, Ranks, UserError, autocast, copy_from_main,
                               data_parallel_until_done, errors_as_exit, eval_output_dir, fraction, gather_shares,
                               main_first, my_share, nonnegative_float, nonnegative_int, optimizer_step,
@@ -67,17 +70,18 @@ RECIPES = {
     "small": dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct", train_data="metamathqa", max_train_samples=2000,
         eval_data="gsm8k", max_eval_samples=200, template="alpaca", protocol="official", max_length=384,
-        epochs=1, batch_size=16, micro_batch_size=4, d=65536, r=4, signs=True, warmup_ratio=0.02,
-        eval_batch_size=16, save_every=25,
+        epochs=1, batch_size=16, micro_batch_size=4, d=65536, r=4, warmup_ratio=0.02,
+        eval_batch_size=16, save_every=25, dtype="auto", amp="auto", seed=0,
     ),
     # The official script: google/gemma-7b (the model of Table 3; --model mistralai/Mistral-7B-v0.1 for the
     # other one), all linear layers except lm_head, r=4, d=2^19, first 100K MetaMathQA examples, max length 512,
-    # 2 epochs, effective batch 64, lr 2e-3, cosine, 2% warmup, no weight decay, the paper's P without signs.
+    # 2 epochs, effective batch 64, lr 2e-3, cosine, 2% warmup, no weight decay, the paper's P without signs;
+    # fp32 weights under fp16 autocast (the official run's --fp16), seed 42 (its default).
     "paper": dict(
         model="google/gemma-7b", train_data="metamathqa", max_train_samples=100_000,
         eval_data="gsm8k", max_eval_samples="all", template="alpaca", protocol="official", max_length=512,
-        epochs=2, batch_size=64, micro_batch_size=4, d=524_288, r=4, signs=False, warmup_ratio=0.02,
-        eval_batch_size=32, save_every=200,
+        epochs=2, batch_size=64, micro_batch_size=4, d=524_288, r=4, warmup_ratio=0.02,
+        eval_batch_size=32, save_every=200, dtype="float32", amp="fp16", seed=42,
     ),
 }
 # Learning rates per method.  theta_d: the paper's 2e-3.  LoRA: Adam moves every coordinate by about lr per
@@ -94,7 +98,7 @@ AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_samples", "prompt_field",
                "response_field", "template", "system_prompt", "protocol", "max_length", "epochs", "max_steps",
                "batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs",
-               "projection", "dropout", "seed", "dtype", "amp", "n_train")
+               "projection", "dropout", "seed", "dtype", "amp", "loss", "n_train")
 # What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).
 RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha", "projection")
 
@@ -105,6 +109,8 @@ RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lo
 def main(argv=None):
     with printing_on_main_copy():  # under torchrun, the first copy alone prints
         args = parse_args(argv)  # every copy checks the flags alike, so a user error stops them all
+        if args.score:
+            return score_predictions(args)
         run = set_up(args)
         with data_parallel_until_done(run.ranks):
             return train_and_evaluate(run)
@@ -174,9 +180,25 @@ def train_and_evaluate(run):
     results.update(status="finished", eval_data=str(args.eval_data))
     save("results.json", results)
     after = results["after"]
-    print(f"{task.upper()} accuracy (official) {after['correct']}/{after['n']} = {100 * after['accuracy']:.2f}%; "
-          f"lenient reading {100 * after['accuracy_lenient']:.2f}%; {after['no_answer_mark']} without "
+    print("\n".join(summary_lines(after)))
+    print(f"official accuracy {100 * after['accuracy']:.2f}%; {after['no_answer_mark']} without "
           f"'{ANSWER_MARK.strip()}'; wrote {run.folder / 'results.json'}")
+    return results
+
+
+def score_predictions(args):
+    """--score FILE: the three readings of generations made elsewhere (vLLM, another run); no model needed."""
+    task, items, completions = load_predictions(args)
+    records, accuracy, groups = score_all(task, items, completions)
+    print("\n".join(summary_lines(accuracy)))
+    results = dict(kind="score", scored=str(Path(args.score).resolve()), eval_data=args.eval_data,
+                   after=accuracy | groups)
+    if args.output_dir:
+        folder = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
+        rows = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(folder / "predictions.jsonl", lambda f: f.write(rows.encode()))
+        write_json(folder / "results.json", results)
+        print(f"wrote {folder / 'results.json'}")
     return results
 
 
@@ -222,18 +244,24 @@ def parse_args(argv=None):
     p.add_argument("--r", type=positive_int, help="LoRA rank of both methods (recipe: 4)")
     p.add_argument("--lora_alpha", type=positive_float, help="LoRA baseline scale alpha/r (default alpha = r)")
     p.add_argument("--signs", action=argparse.BooleanOptionalAction,
-                   help="Uni-LoRA: random +-1 per row of P, or the paper's all-positive P (recipe: small on,\n"
-                        "paper off)")
+                   help="Uni-LoRA: random +-1 per row of P (ours), or the paper's all-positive P (default;\n"
+                        "fastfood and gaussian P's have signs by construction: on for them)")
     p.add_argument("--projection", choices=list(PROJECTIONS),
                    help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--dropout", type=fraction, default=0.0, help="adapter dropout on the layer input")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="projection, LoRA init and data order")
+    p.add_argument("--seed", type=nonnegative_int, help="projection, LoRA init and data order (recipe: small 0,\n"
+                                                         "paper 42 as the official run)")
+    p.add_argument("--loss", choices=("example", "tokens"),
+                   help="example: each example's mean over its answer tokens, averaged over the batch (the\n"
+                        "official run: batch 1 x 64 accumulation); tokens: the mean over all answer tokens of\n"
+                        "the batch (default: example under --protocol official, tokens under plain)")
     # precision
-    p.add_argument("--dtype", choices=("auto", *PRECISION), default="auto",
-                   help="base weights: auto = bfloat16 on CUDA, float32 on CPU; the official run: float32")
-    p.add_argument("--amp", choices=("auto", *AMP), default="auto",
-                   help="autocast: auto = bf16 on CUDA (fp16 for float16 weights), none on CPU; the official\n"
-                        "run: fp16 (with a gradient scaler)")
+    p.add_argument("--dtype", choices=("auto", *PRECISION),
+                   help="base weights: auto = bfloat16 on CUDA, float32 on CPU (recipe: small auto, paper\n"
+                        "float32 as the official run)")
+    p.add_argument("--amp", choices=("auto", *AMP),
+                   help="autocast: auto = bf16 on CUDA (fp16 for float16 weights), none on CPU (recipe: small\n"
+                        "auto, paper fp16 with a gradient scaler, as the official run)")
     # runs, checkpoints, evaluation
     p.add_argument("--output_dir", help="run folder (default out/math-<method>; --eval_only: <load>/eval-N)")
     p.add_argument("--out_dir", dest="output_dir", help=argparse.SUPPRESS)  # the earlier spelling
@@ -241,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=positive_int, help="checkpoint every N steps (recipe)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint.pt")
     p.add_argument("--eval_only", action="store_true", help="evaluate the run saved in --load")
+    p.add_argument("--score", metavar="FILE",
+                   help="grade a JSONL of generations (predictions.jsonl, or lines with completion and reference)\n"
+                        "with the official, strict and lenient readers; needs --eval_data gsm8k|math|PATH")
     p.add_argument("--load", help="a run folder written by this script (with --eval_only)")
     p.add_argument("--adapter", help=argparse.SUPPRESS)  # earlier spelling: the adapter.pt inside a run folder
     p.add_argument("--no_eval", action="store_true", help="train only")
@@ -252,6 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--hf_token", help="for gated models and hub data (default: $HF_TOKEN); sent to the hub only")
     args = p.parse_args(argv)
+    if args.score:
+        return check_score_flags(p, args)
     explicit = {k for k in RUN_KEYS if getattr(args, k, None) is not None}
     if args.adapter:
         args.load = args.load or str(Path(args.adapter).parent)
@@ -271,10 +304,29 @@ def parse_args(argv=None):
             setattr(args, key, value)
     for key in ("max_train_samples", "max_eval_samples"):
         setattr(args, key, None if getattr(args, key) == "all" else getattr(args, key))
+    if args.signs is None:  # the paper's P; the dense ablations' P's are signed by construction
+        args.signs = args.projection in ("fastfood", "gaussian")
+    if args.loss is None:
+        args.loss = "example" if args.protocol == "official" else "tokens"
     if args.lr is None and args.method != "none":
         args.lr = DEFAULT_LR[args.method]
     args.train = not args.eval_only and args.method != "none"
     check_flag_combinations(args)
+    return args
+
+
+SCORE_KEYS = ("score", "eval_data", "max_eval_samples", "data_dir", "hf_token", "output_dir", "overwrite")
+
+
+def check_score_flags(parser, args):
+    """--score reads a file and --eval_data; any other flag would be silently ignored, so it is refused."""
+    given = [k for k, v in vars(args).items() if k not in SCORE_KEYS and v != parser.get_default(k)]
+    if given:
+        raise UserError(f"--score grades a file and needs no model or training settings; drop --{given[0]}")
+    if args.eval_data is None:
+        raise UserError("--score needs --eval_data gsm8k, math or the problems file the completions answer")
+    if args.max_eval_samples == "all":
+        args.max_eval_samples = None
     return args
 
 
@@ -488,10 +540,12 @@ def train_adapter(run, model, adapter, train, ckpt, before):
 
 
 def backward(run, model, train, idx):
-    """Forward and backward over this copy's share of the batch `idx`, in micro-batches; each loss is divided by the
-    whole batch's answer tokens (the prompt is masked). Returns the sum of this copy's losses."""
+    """Forward and backward over this copy's share of the batch `idx`, in micro-batches (the prompt is masked).
+    --loss example: each example's mean over its answer tokens, divided by the whole batch's size, as the official
+    run (one example per forward, 64 accumulated); --loss tokens: each token's loss divided by the whole batch's
+    answer tokens. Returns the sum of this copy's losses."""
     args = run.args
-    n_targets = sum(train[i][2] for i in idx)  # normalise by the whole batch's answer tokens
+    n_targets = sum(train[i][2] for i in idx)  # the whole batch's answer tokens
     mine = my_share(list(idx), run.ranks)
     loss = 0.0
     for j in range(0, len(mine), args.micro_batch_size):
@@ -502,7 +556,12 @@ def backward(run, model, train, idx):
             logits = model(ids.to(run.device), attention_mask=mask.to(run.device))
         target = lab[:, 1:].to(run.device)
         keep = target != -100  # only response positions: fp32 logits of a 256k vocabulary are large
-        part = F.cross_entropy(at_least_fp32(logits[:, :-1][keep]), target[keep], reduction="sum") / n_targets
+        token_losses = F.cross_entropy(at_least_fp32(logits[:, :-1][keep]), target[keep], reduction="none")
+        if args.loss == "example":  # weight 1 / (its example's answer tokens x the batch's examples)
+            per_example = keep.sum(1, keepdim=True).expand_as(keep)[keep]
+            part = (token_losses / per_example).sum() / len(idx)
+        else:
+            part = token_losses.sum() / n_targets
         run.scaler.scale(part).backward()
         loss += part.item()
     return loss

@@ -49,7 +49,7 @@ Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 # -- 1. The projection P = S Lambda --------------------------------------------------------------------------------
 
-def make_projection(D: int, d: int, seed: int = 0, signs: bool = True) -> torch.Tensor:
+def make_projection(D: int, d: int, seed: int = 0, signs: bool = False) -> torch.Tensor:
     """P as its signed index: int32 [D], values in [0, 2d). Row i reads column idx_i mod d, negated iff idx_i >= d.
     Balanced: the columns `arange(D) % d` (each used floor(D/d) or ceil(D/d) times), shuffled. A CPU generator makes
     P identical on every device; the draws are, in order, the shuffle, then the signs."""
@@ -209,7 +209,7 @@ class UniLoRALinear(AdaptedLinear):
 # -- 4. apply_unilora ----------------------------------------------------------------------------------------------
 
 def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = None, seed: int = 0,
-                  signs: bool = True, init_bound: float = 0.02, dropout: float = 0.0,
+                  signs: bool = False, init_bound: float = 0.02, dropout: float = 0.0,
                   keep_trainable: Sequence[str] = (), projection: Callable | None = None) -> UniLoRA:
     """Patch `model` in place: targeted nn.Linear -> UniLoRALinear, every base parameter frozen, one theta_d.
     Returns the adapter handle: give `adapter.parameters()` (just theta_d) to the optimizer, without weight decay;

@@ -160,6 +160,10 @@ class CausalLM(nn.Module):
                              f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
         if kind == "qwen2" and c.get("use_sliding_window"):
             raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        # newer Gemma-family configs can ask for attention both ways (transformers then drops the causal mask); this
+        # decoder is causal only, so it would load them and give other logits without a word
+        if gemma and c.get("use_bidirectional_attention"):
+            raise ValueError("Gemma with use_bidirectional_attention=true is not supported (this decoder is causal)")
         head_count_check(c)
         self.config = config
         self.window = c.get("sliding_window") if kind == "mistral" else None

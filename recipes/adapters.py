@@ -19,7 +19,7 @@ class AdapterSettings:
     d: int | None = None           # Uni-LoRA: the length of theta_d
     r: int = 4                     # the LoRA rank of both methods
     alpha: float | None = None     # LoRA: scale alpha / r (None: alpha = r)
-    signs: bool = True             # Uni-LoRA: random +-1 per row of P (False: the paper's all-positive P)
+    signs: bool = False            # Uni-LoRA: the paper's all-positive P (True: random +-1 per row, ours)
     projection: str | None = None  # Uni-LoRA: a name in projections.PROJECTIONS (None: "balanced", the paper's P)
     seed: int = 0
     targets: tuple | None = None   # module-name suffixes to adapt (None: the library's default)

@@ -1,8 +1,14 @@
 """Results over many GLUE runs: the summary of one experiment's seeds (summary.json), and Table 1 (--table) from
 any run folders, next to the paper's numbers.
 
-Why it exists: a GLUE result is a statistic over runs (the paper's: the mean over 5 seeds of the best-epoch dev
-metric), so reading runs back and grouping them is its own step, run long after training and on any machine.
+Why it exists: a GLUE result is a statistic over runs (the paper's: the mean over 5 seeds), so reading runs back
+and grouping them is its own step, run long after training and on any machine.
+
+Which epoch of a run counts is a choice, `report`: "best", the epoch with the best dev metric (the official
+repository's get_results.py takes each run's maximum over its evaluations), or "last", where the official training
+scripts end (they evaluate every epoch and keep no best checkpoint). The paper does not say which. Every run
+records both, so either can be reported at any time, and the table's first line says which it holds.
+
 In the table, runs whose settings differ only by seed (or by where things lived, or by the per-task recipe values)
 form one row; every other recorded setting is part of the row's identity, so a new setting (e.g. a future
 --projection) separates rows and becomes a column as soon as it varies.
@@ -20,6 +26,7 @@ PAPER = {"roberta-base": {"sst2": 94.5, "mrpc": 89.7, "cola": 64.6, "qnli": 92.3
          "roberta-large": {"sst2": 96.3, "mrpc": 91.3, "cola": 68.5, "qnli": 94.6, "rte": 86.6, "stsb": 92.1,
                            "avg": 88.3}}
 PAPER_TASKS = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
+REPORTS = ("best", "last")  # which epoch of each run is reported: the one with the best dev metric, or the last
 
 
 def stats(values):
@@ -27,12 +34,17 @@ def stats(values):
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "median": statistics.median(values)}
 
 
-def summarize(runs):
-    """Per task: the best-epoch dev metric of every seed, its mean, sample std and median, the best epochs."""
+def summarize(runs, report="best"):
+    """The seeds' dev metrics, per task: under "best" and "last" the statistics (values, mean, sample std, median)
+    of the best and of the last epoch, the epochs themselves per seed, and, at the top level under each metric's
+    name, the statistics of the epoch that `report` names (what readers of older summaries find there)."""
     task = runs[0]["config"]["task"]
     out = {"task": task, "metric": TASKS[task]["metrics"][0], "seeds": [r["config"]["seed"] for r in runs],
-           "best_epoch": {str(r["config"]["seed"]): r["best"]["epoch"] for r in runs}}
-    out.update({key: stats([r["best"]["dev"][key] for r in runs]) for key in reported(task)})
+           "report": report}
+    for which in REPORTS:
+        out[which + "_epoch"] = {str(r["config"]["seed"]): r[which]["epoch"] for r in runs}
+        out[which] = {key: stats([r[which]["dev"][key] for r in runs]) for key in reported(task)}
+    out.update(out[report])
     return out
 
 
@@ -47,8 +59,9 @@ COST_COLUMNS = (("s/step", "seconds_per_step_median"), ("P ms", "projection_ms")
                 ("peak RSS MB", "peak_rss_mb"))
 
 
-def make_table(paths):
-    """Table 1 in Markdown: a row per setting (the paper's row after each of its models), a column per task."""
+def make_table(paths, report="best"):
+    """Table 1 in Markdown, after a line that says which epoch of each run it reports: a row per setting (the
+    paper's row after each of its models), a column per task."""
     rows, runs = {}, collect_runs(paths)  # settings -> task -> runs
     costs = [(label, key) for label, key in COST_COLUMNS if any(r.get(key) is not None for r in runs)]
     for r in runs:
@@ -61,7 +74,9 @@ def make_table(paths):
     with_avg = all(t in tasks for t in PAPER_TASKS)
     header = ["model", "method", *varying, "params", *(TASKS[t]["folder"] for t in tasks)] + ["avg"] * with_avg + \
         [label for label, _ in costs]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # Best and last epoch can differ by points; a table that does not say which it holds cannot be compared.
+    lines = [f"Dev metric in percent at each run's {report} epoch (--report {report}): mean ± std (runs).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     def shown(settings, key):
         value = json.loads(dict(settings).get(key, "null"))
         return "-" if value is None else str(value)
@@ -71,8 +86,8 @@ def make_table(paths):
     for i, settings in enumerate(order):
         by_task, s = rows[settings], {k: json.loads(v) for k, v in settings}
         any_run = next(iter(by_task.values()))[0]
-        cells = [cell(by_task[t], t) if t in by_task else "-" for t in tasks]
-        means = [statistics.mean(100 * r["best"]["dev"][reported(t)[0]] for r in by_task[t])
+        cells = [cell(by_task[t], t, report) if t in by_task else "-" for t in tasks]
+        means = [statistics.mean(100 * r[report]["dev"][reported(t)[0]] for r in by_task[t])
                  for t in PAPER_TASKS if t in by_task]
         avg = [f"{statistics.mean(means):.1f}" if len(means) == len(PAPER_TASKS) else "-"] * with_avg
         every_run = [r for runs in by_task.values() for r in runs]
@@ -106,7 +121,7 @@ def collect_runs(paths):
             if not isinstance(results, dict) or "best" not in results or results.get("kind") == "eval" \
                     or results.get("config", {}).get("task") not in TASKS:
                 continue
-            if not {"from_recipe", "trainable"} <= results.keys():
+            if not {"from_recipe", "trainable", "last"} <= results.keys():
                 raise UserError(f"--table: {file} was written by an older train_glue.py; run it again with "
                                 f"this version (or leave its folder out)")
             runs.append(results)
@@ -115,11 +130,11 @@ def collect_runs(paths):
     return runs
 
 
-def cell(runs, task):
-    """'mean ± std (n)' in percent over the runs' best epochs; MNLI: matched / mismatched."""
+def cell(runs, task, report):
+    """'mean ± std (n)' in percent over the runs' best (or last) epochs; MNLI: matched / mismatched."""
     parts = []
     for key in reported(task):
-        s = stats([100 * r["best"]["dev"][key] for r in runs])
+        s = stats([100 * r[report]["dev"][key] for r in runs])
         parts.append(f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if len(runs) > 1 else ""))
     return " / ".join(parts) + f" ({len(runs)})"
 

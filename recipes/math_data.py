@@ -7,6 +7,7 @@ the response masking and the official protocol's stops and budgets are written d
 """
 import hashlib
 import json
+import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -263,13 +264,18 @@ def load_train_examples(args, fmt, ranks):
     return train
 
 
-def load_eval_items(args, fmt):
-    """(task, items): task 'math' when the references hold \\boxed{...}, else 'gsm8k'."""
+def read_problems(args):
+    """(task, path, records, [(question, solution, where)]) of --eval_data: task 'math' when the solutions hold
+    \\boxed{...}, else 'gsm8k'."""
     path = fetch(args.eval_data, "test", args.data_dir, args.hf_token)
     records = read_records(path)[:args.max_eval_samples]
-    q_field, a_field = pick_fields(records, None, None, path)
-    pairs = get_pairs(records, q_field, a_field)
-    task = "math" if args.eval_data == "math" or "\\boxed" in pairs[0][1] else "gsm8k"
+    pairs = get_pairs(records, *pick_fields(records, None, None, path))
+    return "math" if args.eval_data == "math" or "\\boxed" in pairs[0][1] else "gsm8k", path, records, pairs
+
+
+def load_eval_items(args, fmt):
+    """(task, items): the test problems, tokenised, each with the reference its answer is scored against."""
+    task, path, records, pairs = read_problems(args)
     items = []
     for (question, answer, where), (_, rec) in zip(pairs, records):
         if task == "gsm8k":
@@ -288,3 +294,47 @@ def load_eval_items(args, fmt):
         args.max_new_tokens = PROTOCOLS[args.protocol]["max_new_tokens"][task]
     print(f"eval: first {len(items)} problems of {path} ({task}), up to {args.max_new_tokens} new tokens")
     return task, items
+
+
+def load_predictions(args):
+    """--score FILE: (task, items, completions) from a JSONL of generations: this project's predictions.jsonl, or
+    lines with `completion` and `reference` (GSM8K: '... #### n' or a number; MATH: a solution with \\boxed{} or
+    the bare answer). Lines without a reference take the reference of the problem at the same position in
+    --eval_data (gsm8k, math or a file)."""
+    records = read_records(args.score)
+    for where, rec in records:
+        if not isinstance(rec.get("completion"), str):
+            raise UserError(f"{where}: no 'completion' string (fields: {sorted(rec)}); --score reads lines with "
+                            f"completion and reference, or predictions.jsonl of train_math.py")
+    if args.eval_data in ("gsm8k", "math") and all("reference" in rec for _, rec in records):
+        task, problems = args.eval_data, None  # the file carries its references: nothing to download
+    else:
+        task, path, _, problems = read_problems(args)
+        if len(problems) < len(records):
+            raise UserError(f"{args.score} has {len(records)} lines but --eval_data {path} only {len(problems)} "
+                            f"problems; pass the --eval_data the completions answer")
+    items, completions = [], []
+    for i, (where, rec) in enumerate(records):
+        raw = rec["reference"] if "reference" in rec else problems[i][1]
+        reference = read_reference(task, raw, where)
+        items.append(dict(question=rec.get("question", problems[i][0] if problems else ""), reference=reference,
+                          level=rec.get("level"), subject=rec.get("subject")))
+        completions.append(rec["completion"])
+    return task, items, completions
+
+
+def read_reference(task, raw, where):
+    """A reference as the official graders compare it: GSM8K a number, MATH the last \\boxed{} of a solution or a
+    bare answer (None: no box in a solution, counted wrong as the official code does)."""
+    if task == "math":
+        if raw is None or isinstance(raw, str) and "\\boxed" not in raw and "\\fbox" not in raw:
+            return raw
+        return last_boxed(raw) if isinstance(raw, str) else str(raw)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
+        return float(raw)
+    if isinstance(raw, str):
+        text = raw if ("####" in raw or "The answer is:" in raw) else f"#### {raw}"
+        number = gsm8k_reference(text)
+        if number is not None:
+            return number
+    raise UserError(f"{where}: reference {str(raw)[:60]!r} is not a GSM8K answer ('... #### n' or a number)")

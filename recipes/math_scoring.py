@@ -1,34 +1,54 @@
-"""Reading a model's math answers: the official GSM8K and MATH rules (MetaMath's gsm8k_eval.py / MATH_eval.py, which
-Uni-LoRA's evaluation runs), MATH's LaTeX normalisation, and a lenient reading reported beside them.
+"""Reading a model's math answers three ways: the official graders (the Uni-LoRA repository's
+math_instruction_tuning/instruction_tuning_eval/: gsm8k_eval.py and MATH_eval.py with utils.is_equiv and
+grader.math_equal, as the paper's Table 3 was scored), the strict reading (MetaMath's answer normalisation and
+plain string equality) and a lenient one.
 
-Why it exists: Table 3's accuracy is only comparable if every rule of the official reading holds, point by point,
-including its quirks (the LAST "The answer is: ", one thousands separator, Python's round). The lenient reading
-is a second number for small models that state an answer in another form; it never replaces the official one.
+Why it exists: Table 3's accuracy is only comparable if every rule of the official grader holds, point by point,
+quirks included: the LAST "The answer is: ", one thousands separator, Python's round, a number equal to the
+reference x100 or /100 counted correct, and MATH's exception path (where normalising an answer raises, the
+official code counts any non-empty answer correct). The strict and lenient readings are reported beside it under
+their own names; neither replaces it.
 """
+import importlib.metadata
+import importlib.util
+import json
 import math
+import queue
 import re
+import subprocess
+import sys
+import threading
 from collections import defaultdict
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
+READERS = ("official", "strict", "lenient")
 
-def score_all(task, items, completions):
-    """Both readings of every completion (items: the problems, each with its reference, level and subject).
-    Returns (one record per problem, the accuracies, the accuracies by_level and by_subject where known)."""
+
+def score_all(task, items, completions, symbolic=True):
+    """Every reading of every completion (items: the problems, each with its reference, level and subject).
+    symbolic=False leaves sympy out of the official MATH grader. Returns (one record per problem, the
+    accuracies, the official accuracy by_level and by_subject where known)."""
     records, counts = [], defaultdict(lambda: [0, 0])
-    for item, completion in zip(items, completions, strict=True):
-        pred, ok, lenient, ok_lenient = score(task, completion, item)
-        for group in ("all", f"level:{item['level']}", f"subject:{item['subject']}"):
-            counts[group][0] += ok
-            counts[group][1] += 1
-        counts["lenient"][0] += ok_lenient
-        counts["no_answer_mark"][0] += ANSWER_MARK not in completion
-        records.append(dict(question=item["question"], reference=item["reference"], prediction=pred, correct=ok,
-                            prediction_lenient=lenient, correct_lenient=ok_lenient, level=item["level"],
-                            subject=item["subject"], completion=completion))
-    n, correct = counts["all"][1], counts["all"][0]
-    accuracy = dict(task=task, accuracy=correct / n, correct=correct, n=n, accuracy_lenient=counts["lenient"][0] / n,
-                    correct_lenient=counts["lenient"][0], no_answer_mark=counts["no_answer_mark"][0])
+    with OfficialGrader(symbolic and task == "math") as grader:
+        for item, completion in zip(items, completions, strict=True):
+            r = score(task, completion, item, grader)
+            for group in ("all", f"level:{item['level']}", f"subject:{item['subject']}"):
+                counts[group][0] += r["correct"]
+                counts[group][1] += 1
+            for reader in ("strict", "lenient"):
+                counts[reader][0] += r[f"correct_{reader}"]
+            counts["exception_path"][0] += r.get("exception_path", False)
+            counts["no_answer_mark"][0] += ANSWER_MARK not in completion
+            records.append(dict(question=item["question"], reference=item["reference"], **r, level=item["level"],
+                                subject=item["subject"], completion=completion))
+        n, correct = counts["all"][1], counts["all"][0]
+        accuracy = dict(task=task, accuracy=correct / n, correct=correct, n=n,
+                        **{f"{k}_{reader}": v for reader in ("strict", "lenient")
+                           for k, v in (("accuracy", counts[reader][0] / n), ("correct", counts[reader][0]))},
+                        no_answer_mark=counts["no_answer_mark"][0])
+        if task == "math":
+            accuracy.update(exception_path=counts["exception_path"][0], **grader.report())
     groups = {}
     for kind in ("level", "subject"):
         by = {k.split(":", 1)[1]: dict(accuracy=c / m, correct=c, n=m) for k, (c, m) in sorted(counts.items())
@@ -38,15 +58,34 @@ def score_all(task, items, completions):
     return records, accuracy, groups
 
 
-def score(task, completion, item):
-    """(official prediction, correct, lenient prediction, correct) for one completion."""
+def summary_lines(accuracy):
+    """One line per reader, '<TASK> <reader> <correct>/<total>', and what the official MATH grader used."""
+    task, n = accuracy["task"].upper(), accuracy["n"]
+    lines = [f"{task} official {accuracy['correct']}/{n}",
+             *(f"{task} {reader} {accuracy['correct_' + reader]}/{n}" for reader in ("strict", "lenient"))]
+    if "symbolic" in accuracy:
+        lines[0] += (f" (symbolic: {accuracy['symbolic']}; {accuracy['exception_path']} counted through the "
+                     f"exception path)")
+    return lines
+
+
+def score(task, completion, item, grader=None):
+    """One completion read three ways: a dict of prediction, correct (official), correct_strict,
+    prediction_lenient, correct_lenient (MATH: and exception_path, true where the official verdict came from it)."""
+    ref = item["reference"]
     if task == "gsm8k":
         pred = official_gsm8k_answer(completion)
         lenient, _ = extract_answer(completion)
-        ok = pred is not None and float(pred) == item["reference"]
-        return pred, ok, lenient, same_number(lenient, item["reference"])
+        strict = pred is not None and ref is not None and float(pred) == ref
+        return dict(prediction=pred, correct=strict or (pred is not None and ref is not None
+                                                        and grader_math_equal(pred, ref)),
+                    correct_strict=strict, prediction_lenient=lenient, correct_lenient=same_number(lenient, ref))
     pred, lenient = official_math_answer(completion), lenient_math_answer(completion)
-    return pred, math_equal(pred, item["reference"]), lenient, lenient_math_equal(lenient, item["reference"])
+    # MATH_eval.process_results: no marker is wrong before is_equiv is asked (which calls two Nones equal)
+    ok, through_exception = official_is_equiv(pred, ref, grader) if pred is not None else (False, False)
+    return dict(prediction=pred, correct=ok, exception_path=through_exception,
+                correct_strict=strict_math_equal(pred, ref), prediction_lenient=lenient,
+                correct_lenient=lenient_math_equal(lenient, ref))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,13 +185,16 @@ def _fix_fracs(s):
 
 
 def _slash_to_frac(s):
-    a, _, b = s.partition("/")
+    """'3/4' -> '\\frac{3}{4}'. None where utils.fix_a_slash_b raises: one '/' between things int() refuses
+    ('\\pi/2', 'x/3'; its except catches AssertionError only, so their ValueError escapes)."""
+    if s.count("/") != 1:
+        return s
+    a, b = s.split("/")
     try:
-        if s.count("/") == 1 and s == f"{int(a)}/{int(b)}":
-            return f"\\frac{{{int(a)}}}{{{int(b)}}}"
-    except ValueError:  # not integers (or thousands of digits)
-        pass
-    return s
+        a, b = int(a), int(b)
+    except ValueError:
+        return None
+    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
 
 
 def normalize_math(s):
@@ -185,12 +227,167 @@ def normalize_math(s):
     return _slash_to_frac(s)
 
 
-def math_equal(prediction, reference):
-    """The official is_equiv: equal after normalisation (raw equality where normalising fails)."""
+def strict_math_equal(prediction, reference):
+    """The strict reading (MetaMath's and the MATH paper's is_equiv): equal after normalisation, and where
+    normalising raises, equal as raw strings. No numeric or symbolic step."""
     if prediction is None or reference is None:
         return False
     a, b = normalize_math(prediction), normalize_math(reference)
     return prediction == reference if a is None or b is None else a == b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The official grader: utils.is_equiv around grader.math_equal, rule by rule.
+
+def official_is_equiv(prediction, reference, grader=None):
+    """utils.is_equiv(prediction, reference): (correct, through the exception path). Normalise both; then
+    math_equal or string equality. Where normalising raises, the official code returns
+    `math_equal(str1, str1) or str1 == str2`, which is true for any non-empty prediction (unless it reads as
+    NaN), whatever the reference: that path is part of the paper's numbers, so it is kept and counted."""
+    if prediction is None or reference is None:
+        return prediction is None and reference is None, False
+    a, b = normalize_math(prediction), normalize_math(reference)
+    if a is None or b is None:
+        ok = grader_math_equal(prediction, prediction, grader) or prediction == reference
+        return ok, ok
+    return grader_math_equal(a, b, grader) or a == b, False
+
+
+def _is_digit(s):
+    try:
+        float(str(s).replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def grader_math_equal(prediction, reference, grader=None):
+    """grader.math_equal (include_percentage, is_close, no timeout): numbers, then brackets, then tuples and
+    intervals element-wise, then sympy (through `grader`, an OfficialGrader; None: no symbolic step)."""
+    # 1. Numbers: within rel_tol 1e-4 of the reference, of reference/100 or of reference*100 (the percent rule).
+    #    When both read as numbers, this is the verdict: the later steps are not tried.
+    if _is_digit(prediction) and _is_digit(reference):
+        p, r = float(str(prediction).replace(",", "")), float(str(reference).replace(",", ""))
+        return any(math.isclose(x, p, rel_tol=1e-4) for x in (r / 100, r, r * 100))
+    if not prediction and prediction not in (0, False):
+        return False
+    reference, prediction = str(reference).strip(), str(prediction).strip()
+    # 2. Brackets: a prediction in [...] (reference not in (...)) or in (...) (reference not in [...]) loses its
+    #    outer brackets on both sides; then every {, }, ( and ) is dropped and the strings compared.
+    p, r = prediction, reference
+    if (p.startswith("[") and p.endswith("]") and not r.startswith("(")) or \
+            (p.startswith("(") and p.endswith(")") and not r.startswith("[")):
+        p, r = p.strip("[]()"), r.strip("[]()")
+    if _drop_braces(p) == _drop_braces(r):
+        return True
+    # 3. Tuples and intervals: both in [...] or both in (...), the same number of commas, equal element-wise.
+    if (prediction[:1] + prediction[-1:] in ("[]", "()")) and \
+            prediction[:1] + prediction[-1:] == reference[:1] + reference[-1:]:
+        parts, ref_parts = prediction[1:-1].split(","), reference[1:-1].split(",")
+        if len(parts) == len(ref_parts) and all(grader_math_equal(x, y, grader) for x, y in zip(parts, ref_parts)):
+            return True
+    # 4. Symbolic: sympy's simplify(a - b) == 0, or N(a) within rel_tol 1e-3 of N(b).
+    return grader is not None and grader.symbolic_equal(prediction, reference)
+
+
+def _drop_braces(s):
+    for c in "{}()":
+        s = s.replace(c, "")
+    return s
+
+
+class OfficialGrader:
+    """grader.symbolic_equal, run by sympy in a worker process (this file run as a script, JSON lines over its
+    stdin and stdout): sympy's parse_expr evaluates its input as Python, so only plain expressions are handed to it
+    (SAFE_EXPRESSION: digits, operators, brackets, short names and common functions; no quotes, backslashes,
+    underscores or other names), and a simplify that hangs is stopped after `timeout` seconds and counts as not
+    equal. Pairs kept from sympy are counted (skipped, timeouts).
+
+    The official environment pins sympy 1.12 without the antlr4 4.11 runtime parse_latex needs, so its
+    parse_latex always failed and parse_expr did the parsing; the worker goes straight to parse_expr."""
+
+    def __init__(self, symbolic=True, timeout=10.0):
+        self.enabled = symbolic and importlib.util.find_spec("sympy") is not None
+        self.timeout, self.worker, self.answers = timeout, None, None
+        self.calls = self.skipped = self.timeouts = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def report(self):
+        version = f"sympy {importlib.metadata.version('sympy')}" if self.enabled else "off"
+        return dict(symbolic=version, symbolic_calls=self.calls, symbolic_skipped=self.skipped,
+                    symbolic_timeouts=self.timeouts)
+
+    def symbolic_equal(self, a, b):
+        if not self.enabled:
+            return False
+        if not (SAFE_EXPRESSION.fullmatch(a) and SAFE_EXPRESSION.fullmatch(b) and _safe_names(a + " " + b)):
+            self.skipped += 1
+            return False
+        if self.worker is None:
+            self.worker = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True, encoding="utf-8")
+            self.answers = queue.Queue()
+            threading.Thread(target=lambda out, q: [q.put(line) for line in out], daemon=True,
+                             args=(self.worker.stdout, self.answers)).start()
+        self.calls += 1
+        try:
+            self.worker.stdin.write(json.dumps([a, b]) + "\n")
+            self.worker.stdin.flush()
+            return json.loads(self.answers.get(timeout=self.timeout))
+        except (queue.Empty, OSError):  # hung, or the worker is gone: not equal, and a fresh worker next time
+            self.timeouts += 1
+            self.close()
+            return False
+
+    def close(self):
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.wait()
+            self.worker = None
+
+
+SAFE_EXPRESSION = re.compile(r"[0-9A-Za-z\s+\-*/^().,=<>!\[\]{}]{1,200}")
+MATH_NAMES = {"pi", "oo", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh",
+              "tanh", "log", "ln", "exp", "Abs", "abs", "floor", "ceiling", "factorial", "binomial", "gcd", "lcm",
+              "Max", "Min", "max", "min", "Rational", "Integer", "Float", "and", "or", "not", "in", "is"}
+
+
+def _safe_names(text):
+    """Every name is one or two letters (a variable; not S, whose S('...') parses a string, nor id) with digits
+    after, or a common math function."""
+    return all((len(name.rstrip("0123456789")) <= 2 and name.rstrip("0123456789") not in ("S", "id"))
+               or name in MATH_NAMES for name in re.findall(r"[A-Za-z][A-Za-z0-9]*", text))
+
+
+def _symbolic_worker():
+    """The worker: grader.symbolic_equal on every [a, b] line of stdin, true or false on stdout."""
+    from sympy import N, simplify
+    from sympy.parsing.sympy_parser import parse_expr
+
+    def parse(s):
+        try:
+            return parse_expr(s)
+        except Exception:
+            return s
+
+    for line in sys.stdin:
+        a, b = (parse(s) for s in json.loads(line))
+        equal = False
+        try:
+            equal = bool(simplify(a - b) == 0)
+        except Exception:
+            pass
+        if not equal:
+            try:
+                equal = math.isclose(N(a), N(b), rel_tol=1e-3)
+            except Exception:
+                pass
+        print(json.dumps(equal), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,8 +442,8 @@ def lenient_math_answer(completion):
 
 
 def lenient_math_equal(prediction, reference):
-    """math_equal, or equal after also dropping \\boxed, $, %, any trailing \\text{..} unit and trailing zeros."""
-    if math_equal(prediction, reference):
+    """strict_math_equal, or equal after also dropping \\boxed, $, %, any trailing \\text{..} unit and trailing zeros."""
+    if strict_math_equal(prediction, reference):
         return True
     if prediction is None or reference is None:
         return False
@@ -260,3 +457,6 @@ def lenient_math_equal(prediction, reference):
         return re.sub(r"^(-?\d+)\.0+$", r"\1", s.replace(",", ""))
     return clean(prediction) == clean(reference)
 
+
+if __name__ == "__main__":  # run by OfficialGrader as its sympy worker
+    _symbolic_worker()

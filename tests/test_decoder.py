@@ -146,3 +146,26 @@ def test_decoder_names_dtypes_and_config_errors(tmp_path, decoders):
     with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):  # untied needs its own head
         headless = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         decoder.CausalLM.from_pretrained(save_model(tmp_path / "nohead", c, headless))
+
+
+def test_configs_that_attend_otherwise_are_refused_by_their_key(tmp_path, decoders):
+    """A config that makes transformers attend otherwise than causally over the whole past would load here and give
+    other logits without a word; it is refused with one line that names the key. Set to false, it loads as usual."""
+    c, sd = DECODERS["gemma-mqa-head-dim"], decoders["gemma-mqa-head-dim"][1]
+    with pytest.raises(ValueError) as err:
+        decoder.CausalLM.from_pretrained(save_model(tmp_path / "bidi", dict(c, use_bidirectional_attention=True), sd))
+    assert str(err.value) == (f"{tmp_path / 'bidi' / 'config.json'}: Gemma with use_bidirectional_attention=true is "
+                              "not supported (this decoder is causal)")
+    off = dict(c, use_bidirectional_attention=False)
+    causal = decoder.CausalLM.from_pretrained(save_model(tmp_path / "causal", off, sd))
+    ids = torch.tensor([[5, 9, 13, 7, 22]])
+    torch.testing.assert_close(causal(ids), decoder_reference(sd, c, ids).float(), atol=2e-5, rtol=0)
+    # the same refusal for Qwen2's sliding window; off, Qwen2 is plain causal attention
+    q, qsd = DECODERS["qwen2-bias-tied"], decoders["qwen2-bias-tied"][1]
+    with pytest.raises(ValueError) as err:
+        decoder.CausalLM.from_pretrained(save_model(tmp_path / "window", dict(q, use_sliding_window=True,
+                                                                               sliding_window=2), qsd))
+    assert str(err.value) == (f"{tmp_path / 'window' / 'config.json'}: Qwen2 with use_sliding_window=true is not "
+                              "supported")
+    plain = decoder.CausalLM.from_pretrained(save_model(tmp_path / "nowindow", dict(q, use_sliding_window=False), qsd))
+    torch.testing.assert_close(plain(ids), decoder_reference(qsd, q, ids).float(), atol=2e-5, rtol=0)

@@ -2,9 +2,9 @@
 generations and on a table of answers taken from real MATH solutions, and the lenient reading beside them."""
 import pytest
 
-from recipes.math_scoring import (extract_answer, gsm8k_reference, last_boxed, lenient_math_answer,
-                                  lenient_math_equal, math_equal, official_gsm8k_answer, official_math_answer,
-                                  same_number, score)
+from recipes.math_scoring import (OfficialGrader, extract_answer, grader_math_equal, official_is_equiv, gsm8k_reference, last_boxed, lenient_math_answer,
+                                  lenient_math_equal, official_gsm8k_answer, official_math_answer,
+                                  same_number, score, score_all, strict_math_equal, summary_lines)
 
 
 # ------------------------------------------------------------------------------------ official scoring: GSM8K
@@ -37,16 +37,24 @@ def test_official_gsm8k_reading(completion, number):
     assert official_gsm8k_answer(completion) == number
 
 
-@pytest.mark.parametrize("completion, reference, official, lenient", [
-    ("The answer is 2 * 1.5 = 3.", 3.0, False, False),     # official: no 'The answer is: '; lenient reads 2
-    ("The answer is: 17.6", 18.0, True, False),            # official rounds; lenient wants 18 exactly
-    ("The answer is: 1,234,567", 1234567.0, False, True),
-    ("So 5 apples.\n#### 5", 5.0, False, True),
-    ("The answer is: 42", 42.0, True, True),
+@pytest.mark.parametrize("completion, reference, official, strict, lenient", [
+    ("The answer is 2 * 1.5 = 3.", 3.0, False, False, False),  # official: no 'The answer is: '; lenient reads 2
+    ("The answer is: 17.6", 18.0, True, True, False),          # both official readings round; lenient wants 18
+    ("The answer is: 1,234,567", 1234567.0, False, False, True),
+    ("So 5 apples.\n#### 5", 5.0, False, False, True),
+    ("The answer is: 42", 42.0, True, True, True),
+    ("The answer is: 50", 5000.0, True, False, False),         # the percent rule: reference / 100
+    ("The answer is: 5000", 50.0, True, False, False),         # and reference * 100
+    ("The answer is: 10001", 10000.0, True, False, False),     # isclose(rel_tol=1e-4): 1 off in 10,000
+    ("The answer is: 10002", 10000.0, False, False, False),
+    ("The answer is: 49", 5000.0, False, False, False),
 ])
-def test_official_and_lenient_verdicts(completion, reference, official, lenient):
-    _, ok, _, ok_lenient = score("gsm8k", completion, {"reference": reference})
-    assert (ok, ok_lenient) == (official, lenient)
+def test_gsm8k_readings(completion, reference, official, strict, lenient):
+    """gsm8k_eval.py, gsm8k_test: `float(y_pred) == float(prompt_answer) or math_equal(y_pred, prompt_answer)`,
+    y_pred from extract_answer_number (round(float(...)) of the first number after the last 'The answer is: ');
+    grader.py, math_equal: numbers within isclose(rel_tol=1e-4) of reference/100, reference or reference*100."""
+    r = score("gsm8k", completion, {"reference": reference})
+    assert (r["correct"], r["correct_strict"], r["correct_lenient"]) == (official, strict, lenient)
 
 
 
@@ -130,12 +138,12 @@ MATH_PAIRS = [
 
 @pytest.mark.parametrize("prediction, reference, equal", MATH_PAIRS)
 def test_math_answers_compare_like_metamath(prediction, reference, equal):
-    assert math_equal(prediction, reference) is equal
+    assert strict_math_equal(prediction, reference) is equal
 
 
 def test_lenient_math_reading_is_separate():
     """The lenient reading forgives what the official one does not, and never changes the official verdict."""
-    assert lenient_math_equal("30240", "30,\\!240") and not math_equal("30240", "30,\\!240")
+    assert lenient_math_equal("30240", "30,\\!240") and not strict_math_equal("30240", "30,\\!240")
     assert lenient_math_equal("2.0", "2") and lenient_math_equal("7%", "7\\%")
     assert not lenient_math_equal("23.3", "23.31")
     assert lenient_math_answer("so the answer is \\boxed{5}.") == "\\boxed{5}"
@@ -162,3 +170,107 @@ def test_lenient_reading(text, answer, rule):
 def test_same_number():
     assert same_number("18", "18") and same_number("0.5", "0.50") and same_number("1000", "1000.0")
     assert not same_number("18", "19") and not same_number(None, "1")
+
+
+# ------------------------------------------------------------------------- the official MATH grader, rule by rule
+
+def math_verdicts(completion, solution, grader=None):
+    """(official, strict) for a completion against a MATH solution, as MATH_eval.py reads both."""
+    r = score("math", completion, {"reference": last_boxed(solution)}, grader)
+    return r["correct"], r["correct_strict"]
+
+
+@pytest.mark.parametrize("completion, solution, official, strict", [
+    # MATH_eval.py, process_results: the text after the LAST 'The answer is: ', cut at the first '.\n', one '.'
+    ("The answer is: 5.\nSo the answer is 6", "so \\boxed{5}", True, True),
+    ("The answer is: 3\nThe answer is: 5.", "\\boxed{5}", True, True),
+    ("the answer is 5", "\\boxed{5}", False, False),                    # no marker: wrong, before is_equiv
+    # remove_boxed(last_boxed_only_string(solution)): the last \boxed{...}, braces balanced; \fbox gives None
+    ("The answer is: \\frac{1}{2}", "first \\boxed{3}, then \\boxed{\\frac{1}{2}}", True, True),
+    ("The answer is: 5", "\\fbox{5}", False, False),
+    # utils.strip_string: 0.5 <-> \frac{1}{2}, \frac12, a/b, units after '\text{ ', 'x = '
+    ("The answer is: 0.5", "\\boxed{\\frac12}", True, True),
+    ("The answer is: 3/4", "\\boxed{\\frac{3}{4}}", True, True),
+    ("The answer is: 5", "\\boxed{5 \\text{ cm}}", True, True),
+    ("The answer is: x = 4", "\\boxed{4}", True, True),
+    # grader.math_equal, numbers: rel_tol 1e-4 and the percent rule; strict wants the same string
+    ("The answer is: 0.3333", "\\boxed{0.33333}", True, False),
+    ("The answer is: 25", "\\boxed{0.25}", True, False),
+    ("The answer is: 0.25", "\\boxed{25}", True, False),
+    ("The answer is: 2.0", "\\boxed{2}", True, False),
+    ("The answer is: 3", "\\boxed{4}", False, False),
+    # grader.math_equal, brackets: outer [] or () of the prediction dropped on both sides, then all {}() dropped
+    ("The answer is: [3]", "\\boxed{3}", True, False),
+    ("The answer is: (1,2)", "\\boxed{(1,2)}", True, True),
+    # grader.math_equal, tuples and intervals: element-wise, only when both use the same brackets
+    ("The answer is: (1, 2.00001)", "\\boxed{(1,2)}", True, False),
+    ("The answer is: [0.5, 1]", "\\boxed{[0.50001, 1]}", True, False),
+    ("The answer is: [0.5, 1]", "\\boxed{[\\frac{1}{2}, 1]}", False, False),  # elements compare as numbers or sympy
+    ("The answer is: (2,1)", "\\boxed{(1,2)}", False, False),
+    ("The answer is: [1, 2]", "\\boxed{(1, 2)}", False, False),
+    # utils.is_equiv, the exception path: fix_a_slash_b's int() raises ValueError (its except catches only
+    # AssertionError), remove_right_units asserts one '\text{ ', fix_sqrt indexes past the end; the official code
+    # then returns math_equal(str1, str1) or str1 == str2: true for any non-empty answer that is not NaN
+    ("The answer is: \\pi/2", "\\boxed{\\frac{\\pi}{3}}", True, False),
+    ("The answer is: 7", "\\boxed{3 \\text{ cm} and 4 \\text{ cm}}", True, False),
+    ("The answer is: 2\\sqrt", "\\boxed{9}", True, False),
+    ("The answer is: nan", "\\boxed{x/y}", False, False),
+    ("The answer is: x/y", "\\boxed{x/y}", True, True),
+])
+def test_official_math_grader_rules(completion, solution, official, strict):
+    """MATH_eval.py, process_results -> utils.is_equiv(extract_ans, answer) -> grader.math_equal(ss1, ss2) or
+    ss1 == ss2, each rule on a hand-written case (the symbolic step is left out here: grader=None)."""
+    assert math_verdicts(completion, solution) == (official, strict)
+
+
+def test_exception_path_is_counted():
+    """The official verdicts that come from utils.is_equiv's except branch are counted, so a reader sees how many
+    of the official number's correct answers no comparison backs."""
+    items = [dict(question="q", reference=ref, level=None, subject=None) for ref in ("\\frac{\\pi}{3}", "5", "6")]
+    completions = ["The answer is: \\pi/2", "The answer is: 5", "The answer is: 7"]
+    records, acc, _ = score_all("math", items, completions, symbolic=False)
+    assert (acc["correct"], acc["correct_strict"], acc["exception_path"]) == (2, 1, 1)
+    assert [r["exception_path"] for r in records] == [True, False, False]
+    assert acc["symbolic"] == "off"
+    assert summary_lines(acc)[:3] == ["MATH official 2/3 (symbolic: off; 1 counted through the exception path)",
+                                      "MATH strict 1/3", "MATH lenient 1/3"]
+    assert official_is_equiv(None, None) == (True, False)  # is_equiv itself calls two Nones equal...
+    assert math_verdicts("no marker", "no box either") == (False, False)  # ...but process_results never asks
+
+
+
+@pytest.mark.parametrize("prediction, reference, equal", [
+    ("2*x+1", "1+2*x", True),                  # simplify(a - b) == 0
+    ("sqrt(2)*sqrt(2)", "2", True),
+    ("1.4142", "sqrt(2)", True),               # N(a) within rel_tol 1e-3 of N(b)
+    ("1.5", "sqrt(2)", False),
+    ("x+1", "x+2", False),
+])
+def test_symbolic_step_with_sympy(prediction, reference, equal):
+    """grader.py, symbolic_equal: parse_expr both sides (parse_latex always failed in the pinned environment),
+    then simplify(a - b) == 0, else isclose(N(a), N(b), rel_tol=1e-3); checked against sympy called directly."""
+    sympy = pytest.importorskip("sympy")
+    from sympy.parsing.sympy_parser import parse_expr
+    a, b = parse_expr(prediction), parse_expr(reference)
+    expected = sympy.simplify(a - b) == 0
+    if not expected and a.is_number and b.is_number:
+        expected = abs(float(sympy.N(a)) - float(sympy.N(b))) <= 1e-3 * max(abs(float(sympy.N(a))), abs(float(sympy.N(b))))
+    assert expected is equal
+    with OfficialGrader() as grader:
+        assert grader_math_equal(prediction, reference, grader) is equal
+        assert grader.report()["symbolic"] == f"sympy {sympy.__version__}"
+    assert grader_math_equal(prediction, reference, None) is False  # without the symbolic step: never equal here
+
+
+def test_symbolic_step_is_guarded():
+    """parse_expr evaluates its input as Python: anything but a plain expression is kept from it (counted), and a
+    simplify that hangs is stopped and counts as not equal, the next pair answered by a fresh worker."""
+    pytest.importorskip("sympy")
+    with OfficialGrader(timeout=1.0) as grader:
+        for unsafe in ("__import__('os').getpid()", "S(1)", "exec(1)", "open(x)"):
+            assert grader_math_equal(unsafe, "1", grader) is False
+        assert grader.report()["symbolic_skipped"] == 4 and grader.report()["symbolic_calls"] == 0
+        assert grader_math_equal("9**9**9**9", "1", grader) is False
+        assert grader.report()["symbolic_timeouts"] == 1
+        assert grader_math_equal("2*x+1", "1+2*x", grader) is True
+    assert OfficialGrader(symbolic=False).report()["symbolic"] == "off"

@@ -309,7 +309,9 @@ class TwoLayers(nn.Module):
 def test_every_kind_saves_loads_and_merges(kind, tmp_path):
     x = torch.randn(4, 8)
     model = TwoLayers()
-    adapter = unilora.apply_unilora(model, 12, targets=["query", "value"], seed=3, projection=PROJECTIONS[kind])
+    signed = kind in ("fastfood", "gaussian")  # dense P's have random signs by construction: signs=True
+    adapter = unilora.apply_unilora(model, 12, targets=["query", "value"], seed=3, signs=signed,
+                                    projection=PROJECTIONS[kind])
     with torch.no_grad():
         adapter.theta_d.normal_(0, 0.3)
     expected = model(x)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -437,8 +438,15 @@ def test_unilora_run_outputs_counts_timing_memory(assets, tmp_path):
 
 @pytest.mark.parametrize("kind", ["local", "fastfood"])
 def test_projection_kind_is_trained_recorded_and_reloaded(assets, tmp_path, capsys, kind):
+    if kind == "fastfood":  # signed by construction: --no-signs is refused before anything is written
+        message = user_error(capsys, ["--task", "sst2", "--model", str(assets[0]["bert"]), "--data_dir",
+                                      str(assets[1]["sst2"]), "--projection", kind, "--no-signs",
+                                      "--output_dir", str(tmp_path / "nosigns")])
+        assert "--projection fastfood has random signs by construction: --no-signs" in message
+        assert tree(tmp_path) == []
     results, out = run(assets, tmp_path, "--projection", kind, "--max_steps", "3")
     assert results["config"]["projection"] == kind
+    assert results["config"]["signs"] is (kind == "fastfood")  # local: the default, no signs; fastfood: its own
     assert results["projection_ms"] > 0 and results["projection_bytes"] > 0
     saved = torch.load(out / "adapter.pt", weights_only=True)
     assert json.loads(saved["config"])["projection"]["kind"] == kind
@@ -510,6 +518,7 @@ def test_the_recipes_are_the_official_scripts():
     assert (tg.DEFAULTS["d"], tg.DEFAULTS["r"], tg.DEFAULTS["targets"], tg.DEFAULTS["batch_size"]) == (
         23040, 4, "query,value", 32)
     assert (tg.DEFAULTS["warmup_ratio"], tg.DEFAULTS["weight_decay"], tg.DEFAULTS["seed"]) == (0.06, 0.1, 1)
+    assert tg.DEFAULTS["signs"] is False  # an all-positive P, as the paper, the official code and PEFT
 
 
 def test_head_weight_decay_only_on_head_weights(assets):
@@ -584,14 +593,18 @@ def test_gradient_accumulation_matches_the_full_batch(assets, tmp_path, capsys):
 
 
 def test_signs_flag_and_seed_change_the_run(assets, tmp_path):
-    on, _ = run(assets, tmp_path, "--max_steps", "3", name="on")
+    default, _ = run(assets, tmp_path, "--max_steps", "3", name="default")
     off, _ = run(assets, tmp_path, "--max_steps", "3", "--no-signs", name="off")
-    again, _ = run(assets, tmp_path, "--max_steps", "3", "--signs", name="again")
+    on, on_dir = run(assets, tmp_path, "--max_steps", "3", "--signs", name="on")
     other, _ = run(assets, tmp_path, "--max_steps", "3", "--seed", "2", name="seed2")
-    assert off["config"]["signs"] is False and on["config"]["signs"] is True
-    assert again["last"]["dev"] == on["last"]["dev"]  # same seed: the same run, bit for bit
+    # the paper's P by default: no signs (random signs are our variant, --signs)
+    assert default["config"]["signs"] is False and off["config"]["signs"] is False and on["config"]["signs"] is True
+    assert default["last"]["dev"] == off["last"]["dev"]  # the same run, bit for bit
     assert off["last"]["dev"]["loss"] != on["last"]["dev"]["loss"]
-    assert other["last"]["dev"]["loss"] != on["last"]["dev"]["loss"]
+    assert other["last"]["dev"]["loss"] != default["last"]["dev"]["loss"]
+    # a saved run keeps its own setting: a run trained with signs is scored with them, whatever the default
+    assert json.loads((on_dir / "run.json").read_text())["signs"] is True
+    assert tg.main(["--eval_only", "--load", str(on_dir)]) == on["last"]["dev"]
 
 
 def test_it_learns_the_tiny_task(assets, tmp_path):
@@ -609,21 +622,42 @@ def test_it_learns_the_tiny_task(assets, tmp_path):
 # ----------------------------------------------------------------------------- seeds and their summary
 
 def test_seeds_run_the_recipe_per_seed_and_summarise(assets, tmp_path, capsys):
-    summary, out = run(assets, tmp_path, "--seeds", "1,2", "--max_steps", "2")
-    assert "  seed               [1, 2]\n" in capsys.readouterr().out
+    # 48 examples, 12 steps an epoch, stopped at step 30: 3 epochs, the last scored after 6 of its steps; the high
+    # lrs move the dev accuracy from epoch to epoch, so that the best and the last epoch differ
+    summary, out = run(assets, tmp_path, "--seeds", "1,2", "--max_steps", "30", "--batch_size", "4",
+                       "--head_lr", "0.05", "--lr", "0.05")
+    printed = capsys.readouterr().out
+    assert "  seed               [1, 2]\n" in printed
     assert sorted(p.name for p in out.iterdir()) == ["seed-1", "seed-2", "summary.json"]
     runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (1, 2)]
-    assert [r["config"]["seed"] for r in runs] == [1, 2]
-    best = [r["best"]["dev"]["accuracy"] for r in runs]
-    assert summary["accuracy"]["values"] == best and summary["accuracy"]["mean"] == pytest.approx(np.mean(best))
-    assert summary["best_epoch"] == {str(s): r["best"]["epoch"] for s, r in zip((1, 2), runs)}
+    assert [r["config"]["seed"] for r in runs] == [1, 2] and [len(r["epochs"]) for r in runs] == [3, 3]
+    best = [max(e["dev"]["accuracy"] for e in r["epochs"]) for r in runs]
+    last = [r["epochs"][2]["dev"]["accuracy"] for r in runs]
+    assert best != last  # else this test could not tell one from the other
+    assert summary["report"] == "best"  # the default
+    assert summary["best"]["accuracy"]["values"] == best and summary["last"]["accuracy"]["values"] == last
+    assert summary["accuracy"] == summary["best"]["accuracy"]  # where summaries kept it before both were there
+    assert summary["best"]["accuracy"]["mean"] == pytest.approx(np.mean(best))
+    assert summary["last"]["accuracy"]["mean"] == pytest.approx(np.mean(last))
+    assert summary["last_epoch"] == {"1": 3, "2": 3}
+    assert summary["best_epoch"] == {str(s): 1 + [e["dev"]["accuracy"] for e in r["epochs"]].index(b)
+                                     for s, r, b in zip((1, 2), runs, best)}
     assert json.loads((out / "summary.json").read_text()) == summary
+    lines = [line for line in printed.splitlines() if "over seeds [1, 2]" in line]
+    assert lines == [f"accuracy of the best epoch over seeds [1, 2]: mean {np.mean(best):.4f}, std "
+                     f"{np.std(best, ddof=1):.4f}, median {np.median(best):.4f}   (--report)",
+                     f"accuracy of the last epoch over seeds [1, 2]: mean {np.mean(last):.4f}, std "
+                     f"{np.std(last, ddof=1):.4f}, median {np.median(last):.4f}"]
     assert tg.main(["--eval_only", "--load", str(out / "seed-2")]) == runs[1]["last"]["dev"]
     with pytest.raises(SystemExit, match="already holds a run; pass --overwrite"):
         run(assets, tmp_path, "--seeds", "3", "--max_steps", "1")
-    again, _ = run(assets, tmp_path, "--seeds", "3", "--max_steps", "1", "--overwrite", "--bf16")
+    capsys.readouterr()
+    again, _ = run(assets, tmp_path, "--seeds", "3", "--max_steps", "1", "--overwrite", "--bf16", "--report", "last")
     assert again["seeds"] == [3] and sorted(p.name for p in out.iterdir()) == ["seed-3", "summary.json"]
     assert json.loads((out / "seed-3" / "run.json").read_text())["bf16"] is True
+    assert again["report"] == "last" and again["accuracy"] == again["last"]["accuracy"]
+    assert [line.split(" over ")[0] for line in capsys.readouterr().out.splitlines() if " over seeds " in line] == [
+        "accuracy of the last epoch", "accuracy of the best epoch"]  # the reported one first
 
 
 def write_results(folder, results):
@@ -653,7 +687,7 @@ def test_a_diverged_run_stops_saves_nothing_and_keeps_the_old_run(assets, tmp_pa
     ("--r", "0"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--head_lr", "inf"), ("--head_lr", "0"),
     ("--weight_decay", "-0.1"), ("--warmup_ratio", "1"), ("--grad_clip", "-1"), ("--max_length", "0"),
     ("--seed", "-1"), ("--seeds", "1,1"), ("--seeds", "1,x"), ("--threads", "0"), ("--alpha", "nan"),
-    ("--device", "gpu0"), ("--task", "wnli"),
+    ("--device", "gpu0"), ("--task", "wnli"), ("--report", "first"),
 ])
 def test_every_number_is_checked_by_argparse(tmp_path, capsys, flag, value):
     message = user_error(capsys, ["--task", "sst2", flag, value, "--output_dir", str(tmp_path / "out")])
@@ -695,7 +729,10 @@ def test_user_errors_are_short_name_the_flag_and_leave_nothing(assets, tmp_path,
         (["--eval_only", "--load", str(saved), "--model", str(models["roberta"])],
          f"--load {saved} does not fit --model {models['roberta']}: "),
         (["--eval_only", "--load", str(saved), "--task", "cola"], "but " + str(saved) + " was trained on sst2"),
-        (["--table", str(tmp_path), "--task", "sst2"], "--table takes only folders"),
+        (["--table", str(tmp_path), "--task", "sst2"], "--table takes only folders (and --report)"),
+        (["--table", str(tmp_path), "--report", "last", "--seeds", "1,2"], "--table takes only folders (and --report)"),
+        (["--task", "sst2", *base, "--report", "last"], "--report applies to --seeds and --table only"),
+        (["--eval_only", "--load", str(saved), "--report", "best"], "--report applies to --seeds and --table only"),
         (["--table", str(tmp_path / "nope")], "no such file or folder"),
         (["--table", str(empty)], "--table: no training run"),
         (["--table", str(old)], f"--table: {old / 'results.json'} was written by an older train_glue.py"),
@@ -744,7 +781,8 @@ def test_one_real_command_line_run(assets, tmp_path):
            "--max_length", "32", "--d", "128", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "best matthews" in proc.stdout and "head_lr            0.005   (recipe)" in proc.stdout
+    assert "head_lr            0.005   (recipe)" in proc.stdout
+    assert re.search(r"^best matthews -?\d\.\d{4} at epoch 1, last -?\d\.\d{4} at epoch 1; 2 steps", proc.stdout, re.M)
     assert json.loads((out / "results.json").read_text())["steps"] == 2
 
 
