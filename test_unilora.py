@@ -351,6 +351,21 @@ def test_save_fresh_model_load_is_bit_exact(tmp_path):
     assert torch.equal(again(x), model(x))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="whether a pid is alive is asked with POSIX signal 0")
+def test_save_cleans_the_temp_files_of_killed_saves_only(tmp_path):
+    """A save killed before its rename (kill -9) leaves .NAME.tmp-PID; the next save removes those of dead processes,
+    never one a live process may still be writing."""
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # finished and reaped: its pid names no process now
+    (tmp_path / f".a.pt.tmp-{dead.pid}").write_bytes(b"half a file")
+    (tmp_path / f".a.pt.tmp-{os.getppid()}").write_bytes(b"being written")
+    (tmp_path / ".b.pt.tmp-1").write_bytes(b"another file's")
+    apply_unilora(Tiny(), 40).save(str(tmp_path / "a.pt"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.pt", f".a.pt.tmp-{os.getppid()}", ".b.pt.tmp-1"])
+
+
 def test_adapter_file_for_d_23040_is_one_vector(tmp_path):
     layers = nn.ModuleDict({f"layer{i}": nn.ModuleDict({"query": nn.Linear(768, 768), "value": nn.Linear(768, 768)})
                             for i in range(12)})
@@ -1043,7 +1058,29 @@ def damaged_files(tmp_path):
         "keep-as-number.pt": (with_config(keep_trainable=[3]), "'keep_trainable' or 'projection' is damaged"),
         "huge-seed.pt": (with_config(seed=2 ** 70), "does not fit this model"),
         "other-fingerprint.pt": (with_config(fingerprint="0" * 16), "random number generator changed"),
+        "huge-r.pt": (with_config(r=4_000_000, D=4_000_000 * sum(i + o for _, i, o in config["layers"])),
+                      "r=4000000 exceeds min\\(in, out\\) = 5 of layer 'inp'"),
+        "wrong-D.pt": (with_config(D=123), "its config says D=123, its layers and r give D="),
+        "nan-theta.pt": (dict(payload, theta_d=torch.full((40,), float("nan"))), "'theta_d' holds NaN or infinite"),
+        "inf-head.pt": (dict(payload, trained={**payload["trained"], "classifier.bias": torch.full((3,), float("inf"))}),
+                        "'classifier.bias' holds NaN or infinite"),
     }
+
+
+def test_a_file_is_checked_against_the_model_before_P_is_built(tmp_path, monkeypatch):
+    """A 2 KB file claiming r = 4,000,000 (D consistent with it) would make P hold 10^9 entries: the claim is refused
+    by arithmetic on the model's layers, before anything of size D is allocated."""
+    _, cases = damaged_files(tmp_path)
+    built = []
+    monkeypatch.setattr(unilora, "make_projection", lambda *a, **k: built.append(a) or 1 / 0)
+    for name in ("huge-r.pt", "wrong-D.pt", "wide.pt"):
+        torch.save(cases[name][0], tmp_path / name) if not isinstance(cases[name][0], bytes) else \
+            (tmp_path / name).write_bytes(cases[name][0])
+        with pytest.raises(ValueError, match=cases[name][1]):
+            load_unilora(Tiny(), str(tmp_path / name))
+    assert built == []
+    with pytest.raises(ValueError, match="r=6 exceeds min\\(in, out\\) = 5 of layer 'inp' \\(5 -> 12\\)"):
+        apply_unilora(Tiny(), 40, r=6)
 
 
 def test_a_failed_load_names_the_file_and_leaves_the_model_as_it_was(tmp_path):
@@ -1068,7 +1105,7 @@ def test_a_failed_load_names_the_file_and_leaves_the_model_as_it_was(tmp_path):
         adapter.merge()
         fresh = Tiny()
         load_unilora(fresh, str(good))  # the retry with the right file works
-    assert len(cases) == 20
+    assert len(cases) == 24
 
 
 # ---------------------------------------------------------------- the projection extension point (issue 13)

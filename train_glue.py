@@ -55,7 +55,7 @@ peak memory), adapter.pt, head.safetensors (both of the last epoch), and best/ (
 epoch). With --seeds, one such run per seed in DIR/seed-N and DIR/summary.json: the seeds' statistics of the best
 and of the last epoch (keys "best" and "last"), and the --report one also under each metric's name. A run is built
 in DIR.partial and moved into place only when it finished: a failed or diverged run leaves nothing behind and the
-previous run as it was.
+previous run as it was. One run at a time per folder: a second run on DIR stops at once (the lock DIR.lock).
 
 Many GPUs. Under torchrun every copy (rank) takes its share of each global batch of --batch_size examples (the
 same seeded order everywhere), divides its loss by the whole batch's size, and one all-reduce per optimiser step
@@ -67,7 +67,6 @@ With dropout, each copy draws its own masks, so a run matches one process in dis
 import argparse
 import math
 import random
-import signal
 import statistics
 import sys
 import time
@@ -79,7 +78,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pretrained.encoder import Encoder
+from pretrained.encoder import Encoder, encoder_settings
 from pretrained.files import load_config, load_safetensors, save_safetensors, write_json
 from pretrained.hub import resolve
 from pretrained.tokenizer import Tokenizer
@@ -90,11 +89,12 @@ from recipes.glue_data import TASKS, load_data, reported, split_suffix
 from recipes.glue_metrics import METRICS
 from recipes.glue_model import GlueModel, batches, loss_sum
 from recipes.glue_table import REPORTS, make_table, summarize
-from recipes.training import (Parser, Ranks, UserError, autocast, check_finite, copy_from_main,
+from recipes.training import (MAX_SEED, Parser, Ranks, UserError, autocast, check_finite, choice, copy_from_main,
                               data_parallel_until_done, device_name, errors_as_exit, eval_output_dir, fraction,
-                              gather_shares, main_first, my_share, nonnegative_float, nonnegative_int,
+                              gather_shares, interrupt_on_sigterm, main_first, my_share, nonnegative_float,
                               optimizer_step, positive_float, positive_int, printing_on_main_copy, read_saved_run,
-                              staged, start_data_parallel, warmup_then_decay)
+                              real, seed_number, staged, start_data_parallel, text, thread_count, warmup_then_decay,
+                              whole)
 
 # -----------------------------------------------------------------------------
 # Settings: the recipe per task and model size, the defaults of everything else, and which flags go with what.
@@ -128,6 +128,13 @@ METHOD_KEYS = {"d": ("unilora",), "signs": ("unilora",), "projection": ("unilora
 # What --eval_only may change about the saved run; everything else comes from it.
 EVAL_KEYS = ("model", "data_dir", "cache_dir", "max_length", "max_eval_samples", "eval_batch_size", "device",
              "threads", "bf16")
+# What --eval_only reads from a run.json, each value checked: a damaged file, or another script's, is one line.
+SAVED_RUN = dict(task=choice(tuple(TASKS)), model=text(), method=choice(("unilora", "lora", "head")),
+                 d=whole(null=True), r=whole(null=True), signs=choice((True, False), null=True),
+                 projection=choice(tuple(PROJECTIONS), null=True), alpha=real(null=True), targets=text(null=True),
+                 seed=whole(0, high=MAX_SEED), max_length=whole(), max_eval_samples=whole(null=True),
+                 eval_batch_size=whole(), bf16=choice((True, False)), data_dir=text(null=True),
+                 cache_dir=text(null=True))
 CONFIG_KEYS = ("task", "model", "preset", "method", "d", "r", "signs", "projection", "alpha", "targets", "lr",
                "head_lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "eval_batch_size",
                "warmup_ratio", "grad_clip", "max_length", "max_train_samples", "max_eval_samples", "seed", "bf16",
@@ -185,10 +192,10 @@ def parse_args(argv):
     p.add_argument("--max_length", type=positive_int, help="tokens per example (default 512 base / 128 large)")
     p.add_argument("--max_train_samples", type=positive_int, help="use the first N training examples")
     p.add_argument("--max_eval_samples", type=positive_int, help="use the first N examples of each dev file")
-    p.add_argument("--seed", type=nonnegative_int, help=f"default {d['seed']}, as the official scripts")
+    p.add_argument("--seed", type=seed_number, help=f"default {d['seed']}, as the official scripts")
     p.add_argument("--seeds", type=seed_list, help="e.g. 1,2,3,4,5: one run per seed in DIR/seed-N + summary.json")
     p.add_argument("--device", type=device_name, help="auto | cpu | cuda | cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default off: fp32)")
     p.add_argument("--eval_only", action="store_true", help="score the run saved in --load")
     p.add_argument("--load", help="a run folder written by this script (or its best/)")
@@ -220,7 +227,7 @@ def parse_args(argv):
 
 
 def seed_list(text):
-    seeds = [nonnegative_int(s) for s in text.split(",")]
+    seeds = [seed_number(s) for s in text.split(",")]
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
     return seeds
@@ -269,7 +276,7 @@ def fetch_model(name):
                     "pass a hub id or a local folder holding config.json, the weights and tokenizer.json")
             raise UserError(f"--model {name}: {str(e).splitlines()[0]}\n{hint}") from None
     try:
-        return local, load_config(local)
+        return local, load_config(local, encoder_settings)  # every value the encoder reads, typed and ranged
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: {e}") from None
 
@@ -339,7 +346,7 @@ def tokenize(data, model_dir, model_config, cfg, ranks):
 
     # roberta-base ships no special_tokens_map.json, so the tokenizer may not know its pad token; the model
     # config does (and RoBERTa's position ids are computed from exactly that id).
-    pad_id = tok.pad_id if tok.pad_id is not None else model_config.get("pad_token_id", 0)
+    pad_id = tok.pad_id if tok.pad_id is not None else (model_config.get("pad_token_id") or 0)
     out = {**data, "dev": {name: encode(examples) for name, examples in data["dev"].items()}, "pad_id": pad_id}
     if "train" in data:
         out["train"] = encode(data["train"])
@@ -565,15 +572,15 @@ def save_model(folder, cfg, model, adapter):
 def evaluate_saved(args, ranks):
     """--eval_only: rebuild the run in --load from its run.json (flags override), score it, write eval-N/."""
     load = Path(args.load)
-    cfg = read_saved_run(load, "{path} is not readable ({error}); --load must be a run folder written by "
-                               "train_glue.py, or its best/")
+    hint = "--load must be a run folder written by train_glue.py, or its best/"
+    cfg = dict.fromkeys(SAVED_RUN) | read_saved_run(load, SAVED_RUN, hint)  # a setting left out: None
     if args.task and args.task != cfg["task"]:
         raise UserError(f"--task {args.task}, but {load} was trained on {cfg['task']}")
     cfg.update({k: getattr(args, k) for k in EVAL_KEYS if getattr(args, k) is not None})
     cfg["device"] = ranks.device
-    # not the run itself, nor a folder holding it: --overwrite would replace the run
-    dest = eval_output_dir(args.output_dir, load, "--output_dir {folder} holds the run that --load reads; leave "
-                                                  "--output_dir out to write {default}")
+    # not the run itself, a folder holding it or one inside it: --overwrite would replace the run's files
+    dest = eval_output_dir(args.output_dir, load, "--output_dir {folder} holds the run that --load reads, or lies "
+                                                  "inside it; leave --output_dir out to write {default}")
     with staged(dest, args.overwrite, ranks) as stage:
         model_dir, model_config = main_first(ranks, lambda: fetch_model(cfg["model"]))
         fit_max_length(cfg, model_config)
@@ -592,9 +599,5 @@ def evaluate_saved(args, ranks):
 
 
 if __name__ == "__main__":
-    # A job scheduler's time limit sends SIGTERM: leave through the same clean-up as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated; the output folder was left as it was before"))
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the output folder was left as it was before")
+    interrupt_on_sigterm()  # a job scheduler's time limit: the same clean-up and one line, as Ctrl-C (main)
+    main()

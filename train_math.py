@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +49,17 @@ from pretrained.hub import resolve
 from pretrained.tokenizer import Tokenizer, pad
 from projections import PROJECTIONS
 from recipes.adapters import AdapterSettings, build_adapter, merge_for_eval
-from recipes.checkpoint import TrainingState, batch_order, read_checkpoint, resume, save_checkpoint
+from recipes.checkpoint import (TrainingState, batch_order, check_run_dir, read_checkpoint, resume, resume_hint,
+                                save_checkpoint)
 from recipes.generation import answer_loglik, at_least_fp32, cut_at_stop, generate
 from recipes.math_data import (PROTOCOLS, Formatter, load_eval_items, load_predictions, load_train_examples,
                                 protocol_record)
 from recipes.math_scoring import ANSWER_MARK, score_all, summary_lines
-from recipes.training import (NonFiniteLoss, Parser, Ranks, UserError, autocast, copy_from_main,
-                              data_parallel_until_done, errors_as_exit, eval_output_dir, fraction, gather_shares,
-                              main_first, my_share, nonnegative_float, nonnegative_int, optimizer_step,
-                              positive_float, positive_int, prepare_output_dir, printing_on_main_copy,
-                              read_saved_run, start_data_parallel, warmup_then_decay)
+from recipes.training import (NonFiniteLoss, Parser, Ranks, UserError, autocast, choice, copy_from_main,
+                              data_parallel_until_done, errors_as_exit, eval_output_dir, fraction, gather_shares, held,
+                              interrupt_on_sigterm, main_first, my_share, nonnegative_float, optimizer_step, place,
+                              positive_float, positive_int, printing_on_main_copy, read_saved_run, real, seed_number,
+                              staged, start_data_parallel, text, thread_count, unused_flag, warmup_then_decay, whole)
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipes.  Every flag left unset on the command line takes its value from the chosen recipe, so the paper's
@@ -101,6 +103,13 @@ RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_sampl
                "projection", "dropout", "seed", "dtype", "amp", "loss", "n_train")
 # What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).
 RUN_KEYS = ("method", "model", "template", "system_prompt", "protocol", "r", "lora_alpha", "projection")
+# What --eval_only reads from a saved run, each value checked: a damaged file, or another script's, is one line.
+SAVED_RUN = dict(method=choice(("unilora", "lora", "none")), model=text(), train_data=text(),
+                 template=choice(("alpaca", "chat"), null=True), system_prompt=text(null=True),
+                 protocol=choice(tuple(PROTOCOLS), null=True), r=whole(null=True), lora_alpha=real(null=True),
+                 projection=choice(tuple(PROJECTIONS), null=True), eval_data=text(null=True),
+                 max_eval_samples=lambda v: v == "all" or whole(null=True)(v), max_new_tokens=whole(null=True),
+                 eval_batch_size=whole(null=True))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,8 +120,8 @@ def main(argv=None):
         args = parse_args(argv)  # every copy checks the flags alike, so a user error stops them all
         if args.score:
             return score_predictions(args)
-        run = set_up(args)
-        with data_parallel_until_done(run.ranks):
+        run = set_up(args, sys.argv[1:] if argv is None else list(argv))
+        with data_parallel_until_done(run.ranks), run_folder(run) as run.folder, resume_hint(run):
             return train_and_evaluate(run)
 
 
@@ -124,7 +133,9 @@ class Run:
     device: torch.device
     autocast: Callable  # () -> a fresh autocast context (a null one in fp32)
     scaler: torch.amp.GradScaler  # fp16 gradients underflow without loss scaling; bf16 has fp32's range
-    folder: Path | None = None
+    argv: list  # the command line, for the command that resumes the run
+    folder: Path | None = None  # where it writes: FOLDER.partial until the run takes FOLDER's place
+    saved: int | None = None  # the step of the run's checkpoint in FOLDER, once there is one
 
 
 def train_and_evaluate(run):
@@ -135,8 +146,7 @@ def train_and_evaluate(run):
         if ranks.main:
             write_json(run.folder / name, content)
 
-    # folder, model, prompt format
-    run.folder = main_first(ranks, prepare_run_dir, args, share=True)
+    # model, prompt format
     tok, model, fmt = main_first(ranks, load_model, args, run.device)
     args.pad_id = tok.pad_id if tok.pad_id is not None else fmt.end_id
     # data: the training examples (and the checkpoint they continue), the test problems
@@ -194,11 +204,11 @@ def score_predictions(args):
     results = dict(kind="score", scored=str(Path(args.score).resolve()), eval_data=args.eval_data,
                    after=accuracy | groups)
     if args.output_dir:
-        folder = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
-        rows = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(folder / "predictions.jsonl", lambda f: f.write(rows.encode()))
-        write_json(folder / "results.json", results)
-        print(f"wrote {folder / 'results.json'}")
+        with staged(args.output_dir, args.overwrite, Ranks()) as stage:
+            rows = "".join(json.dumps(r) + "\n" for r in records)
+            atomic_write(stage / "predictions.jsonl", lambda f: f.write(rows.encode()))
+            write_json(stage / "results.json", results)
+        print(f"wrote {Path(args.output_dir) / 'results.json'}")
     return results
 
 
@@ -249,7 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--projection", choices=list(PROJECTIONS),
                    help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--dropout", type=fraction, default=0.0, help="adapter dropout on the layer input")
-    p.add_argument("--seed", type=nonnegative_int, help="projection, LoRA init and data order (recipe: small 0,\n"
+    p.add_argument("--seed", type=seed_number, help="projection, LoRA init and data order (recipe: small 0,\n"
                                                          "paper 42 as the official run)")
     p.add_argument("--loss", choices=("example", "tokens"),
                    help="example: each example's mean over its answer tokens, averaged over the batch (the\n"
@@ -279,12 +289,15 @@ def parse_args(argv=None):
                    help="generation budget per problem (protocol: official 1,024 GSM8K / 2,048 MATH)")
     p.add_argument("--eval_batch_size", type=positive_int,
                    help="problems decoded together by one copy, left-padded (recipe)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--hf_token", help="for gated models and hub data (default: $HF_TOKEN); sent to the hub only")
     args = p.parse_args(argv)
     if args.score:
         return check_score_flags(p, args)
+    if args.eval_only and (flag := unused_flag(p, args, EVAL_ONLY_KEYS)):
+        raise UserError(f"--eval_only evaluates the run in --load as it was trained, so {flag} does not apply; "
+                        f"drop it")
     explicit = {k for k in RUN_KEYS if getattr(args, k, None) is not None}
     if args.adapter:
         args.load = args.load or str(Path(args.adapter).parent)
@@ -316,13 +329,16 @@ def parse_args(argv=None):
 
 
 SCORE_KEYS = ("score", "eval_data", "max_eval_samples", "data_dir", "hf_token", "output_dir", "overwrite")
+# What --eval_only uses besides the run's own settings: where and how to evaluate, never how to train.
+EVAL_ONLY_KEYS = (*RUN_KEYS, "eval_only", "load", "adapter", "output_dir", "overwrite", "recipe", "eval_data",
+                  "max_eval_samples", "data_dir", "max_new_tokens", "eval_batch_size", "micro_batch_size", "dtype",
+                  "amp", "device", "threads", "hf_token")
 
 
 def check_score_flags(parser, args):
     """--score reads a file and --eval_data; any other flag would be silently ignored, so it is refused."""
-    given = [k for k, v in vars(args).items() if k not in SCORE_KEYS and v != parser.get_default(k)]
-    if given:
-        raise UserError(f"--score grades a file and needs no model or training settings; drop --{given[0]}")
+    if flag := unused_flag(parser, args, SCORE_KEYS):
+        raise UserError(f"--score grades a file and needs no model or training settings; drop {flag}")
     if args.eval_data is None:
         raise UserError("--score needs --eval_data gsm8k, math or the problems file the completions answer")
     if args.max_eval_samples == "all":
@@ -338,10 +354,10 @@ NOT_A_RUN = "not a run folder of train_math.py (needs run.json and adapter.pt)"
 
 
 def take_run_settings(args, explicit):
-    """--eval_only --load DIR: the model, method and prompt come from the run; a flag that contradicts it is an
-    error rather than a silently different evaluation."""
+    """--eval_only --load DIR: the model, method and prompt come from the run, and by default its test problems and
+    how they were decoded; a flag that contradicts the run is an error rather than a silently different evaluation."""
     run_dir = Path(args.load)
-    config = read_saved_run(run_dir, NOT_A_RUN, older="args")  # older="args": runs written before run.json existed
+    config = read_saved_run(run_dir, SAVED_RUN, NOT_A_RUN, older="args")  # older: runs from before run.json
     if not (run_dir / "adapter.pt").is_file() and config.get("method") != "none":
         raise UserError(f"--load {run_dir}: {NOT_A_RUN}")
     for key in RUN_KEYS:
@@ -352,9 +368,9 @@ def take_run_settings(args, explicit):
             raise UserError(f"--{key} {getattr(args, key)} contradicts the run in --load ({key} {saved!r}); drop "
                             f"--{key}")
         setattr(args, key, saved)
-    for key in ("eval_data", "max_eval_samples"):  # by default the run's own test problems again
+    for key in ("eval_data", "max_eval_samples", "max_new_tokens", "eval_batch_size"):  # unless given: the run's
         if getattr(args, key) is None and key in config:
-            setattr(args, key, "all" if config[key] is None else config[key])
+            setattr(args, key, "all" if key == "max_eval_samples" and config[key] is None else config[key])
 
 
 def check_flag_combinations(args):
@@ -362,8 +378,6 @@ def check_flag_combinations(args):
         raise UserError("--resume continues the run in --output_dir and --overwrite would replace it; drop one")
     if args.resume and not args.train:
         raise UserError("--resume continues training; to evaluate a finished run use --eval_only --load <run>")
-    if args.eval_only and args.no_eval:
-        raise UserError("--eval_only with --no_eval does nothing; drop one of them")
     if args.method == "none" and args.no_eval:
         raise UserError("--method none only evaluates; drop --no_eval")
     if args.grad_accum:
@@ -394,7 +408,7 @@ def check_flag_combinations(args):
 # ----------------------------------------------------------------------------------------------------------
 # Where the run happens: the copies and their devices, the precision, the folder.
 
-def set_up(args):
+def set_up(args, argv):
     """Device, resolved --dtype/--amp, the autocast context, the gradient scaler (fp16 only) and the copies (ranks)
     when torchrun started several: each copy then uses its own GPU (cuda:LOCAL_RANK)."""
     ranks = start_data_parallel(args.device)
@@ -408,28 +422,29 @@ def set_up(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Run(args, ranks, device, functools.partial(autocast, device, AMP[args.amp]), scaler)
+    return Run(args, ranks, device, functools.partial(autocast, device, AMP[args.amp]), scaler, argv)
 
 
-def prepare_run_dir(args):
-    """The folder this invocation writes into; refuses a model folder, another run (without --overwrite), and
-    never writes into the run an --eval_only evaluates."""
+@contextlib.contextmanager
+def run_folder(run):
+    """The folder this invocation writes into, held by it alone from first look to end (recipes/training.py).
+    --resume continues the run there. Anything else is built in FOLDER.partial, which takes FOLDER's place at the
+    run's first checkpoint (from then on a killed run can be resumed) or when it ends: a failure before leaves
+    nothing behind, and the run that --overwrite was to replace as it was. Never the run --eval_only evaluates."""
+    args = run.args
     if args.eval_only:
-        folder = eval_output_dir(args.output_dir, args.load, "--output_dir {folder} is the run being evaluated; its "
-                                 "results are never replaced; leave --output_dir out (results go to {default})")
+        folder = eval_output_dir(args.output_dir, args.load, "--output_dir {folder} is the run being evaluated, or "
+                                 "holds it, or lies inside it; its files are never replaced; leave --output_dir out "
+                                 "(results go to {default})")
     else:
         folder = Path(args.output_dir or f"out/math-{args.method}")
+    check = functools.partial(check_run_dir, folder, args.resume, args.overwrite)  # under the folder's lock
     if args.resume:
-        if not (folder / "checkpoint.pt").is_file():
-            raise UserError(f"--resume: no checkpoint at {folder / 'checkpoint.pt'}; drop --resume to start a run")
-        return folder
-    if (folder / "checkpoint.pt").is_file() and not args.overwrite:
-        raise UserError(f"{folder} holds a run with a checkpoint; pass --resume to continue it, --overwrite to "
-                        f"replace it, or another --output_dir")
-    folder = prepare_output_dir(folder, overwrite=args.overwrite)
-    for name in ("checkpoint.pt", "train_log.jsonl", "results.json", "predictions.jsonl", "adapter.pt", "run.json"):
-        (folder / name).unlink(missing_ok=True)  # --overwrite: no file of the old run may mix with the new one
-    return folder
+        with held(folder, run.ranks, check) as folder:
+            yield folder
+    else:
+        with staged(folder, args.overwrite, run.ranks, check) as stage:
+            yield stage
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -480,7 +495,6 @@ def train_adapter(run, model, adapter, train, ckpt, before):
     gradient, so clipping, the fp16 scaler's overflow check and AdamW run identically everywhere.  The main copy
     alone writes; the checkpoint is the same whatever the number of copies."""
     args, ranks = run.args, run.ranks
-    ckpt_path, log_path = run.folder / "checkpoint.pt", run.folder / "train_log.jsonl"
     # the schedule: optimiser steps per epoch, in all
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0 and args.max_steps is None:
@@ -498,8 +512,8 @@ def train_adapter(run, model, adapter, train, ckpt, before):
     # resume, then the data order from there
     step = 0
     if ckpt:
-        step = resume(state, ckpt, log_path, ranks.main)
-        print(f"resumed {ckpt_path} at step {step}/{total_steps}")
+        step = run.saved = resume(state, ckpt, run.folder, ranks.main)
+        print(f"resumed {run.folder / 'checkpoint.pt'} at step {step}/{total_steps}")
     batch_indices = batch_order(args.seed, len(train), args.batch_size, steps_per_epoch)
     # the loop: forward and backward, the optimiser step, the log, a checkpoint every --save_every steps
     end_step = min(total_steps, args.stop_after) if args.stop_after else total_steps
@@ -508,9 +522,8 @@ def train_adapter(run, model, adapter, train, ckpt, before):
           + (f"; stopping after step {end_step}" if end_step < total_steps else ""))
     model.train()
     t0 = time.time()
-    bar = tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
-               dynamic_ncols=True, disable=not ranks.main)
-    with open(log_path, "a") if ranks.main else contextlib.nullcontext() as log:
+    with tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
+              dynamic_ncols=True, disable=not ranks.main) as bar:  # closed on errors too: messages on a clean line
         for s in bar:
             loss = backward(run, model, train, batch_indices(s))
             loss, grad_norm, lr_now, skipped = optimizer_step(opt, sched, loss, s + 1, ranks, grad_clip=args.grad_clip,
@@ -521,19 +534,19 @@ def train_adapter(run, model, adapter, train, ckpt, before):
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
             if not ranks.main:
                 continue
-            log.write(json.dumps(dict(step=s + 1, loss=loss, lr=lr_now, grad_norm=finite_or_none(grad_norm),
-                                      skipped=skipped, seconds=round(time.time() - t0, 1))) + "\n")
-            log.flush()
+            with open(run.folder / "train_log.jsonl", "a") as log:  # opened anew: the folder moves (place)
+                log.write(json.dumps(dict(step=s + 1, loss=loss, lr=lr_now, grad_norm=finite_or_none(grad_norm),
+                                          skipped=skipped, seconds=round(time.time() - t0, 1))) + "\n")
             if (s + 1) % args.save_every == 0 or s + 1 == end_step:
                 adapter.save(str(run.folder / "adapter.pt"), overwrite=True)
-                save_checkpoint(ckpt_path, state, s + 1)
-    bar.close()
+                save_checkpoint(run.folder / "checkpoint.pt", state, s + 1)
+                run.folder, run.saved = place(run.folder), s + 1  # a run to resume from its first checkpoint on
     # the summary
     if end_step == step:
         print(f"checkpoint already at step {step}; nothing left to train")
     if not ranks.main:  # the main copy reports
         return dict(steps=total_steps, steps_done=end_step)
-    logged = [json.loads(x) for x in log_path.read_text().splitlines()]
+    logged = [json.loads(x) for x in (run.folder / "train_log.jsonl").read_text().splitlines()]
     return dict(data=str(args.train_data), examples=len(train), steps=total_steps, steps_done=end_step,
                 batch_size=args.batch_size, lr=args.lr, first_loss=logged[0]["loss"], last_loss=logged[-1]["loss"],
                 skipped_steps=sum(x.get("skipped", False) for x in logged), seconds=round(time.time() - t0, 1))
@@ -608,5 +621,6 @@ def evaluate(run, model, adapter, fmt, items, task):
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # a job scheduler's time limit: the same clean-up and message as Ctrl-C
     with errors_as_exit():  # every copy meets it; the main copy says it
         main()

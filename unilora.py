@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Callable, Sequence, Union
 
 import torch
@@ -222,6 +221,7 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
     keep = resolve_keep(model, keep_trainable)
     names = find_targets(model, targets, dropout, keep)
     bases = [model.get_submodule(n) for n in names]
+    _check_rank(r, [(n, m.in_features, m.out_features) for n, m in zip(names, bases)])
     shapes = [shape for m in bases for shape in ((r, m.in_features), (m.out_features, r))]
     sizes = [rows * cols for rows, cols in shapes]
     _check_d(sum(sizes), d)
@@ -304,16 +304,18 @@ class Adapter:
                    "trained": {k: t.detach().to("cpu", copy=True) for k, t in self.trained_tensors().items()}}
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
+        folder, name = os.path.split(os.path.abspath(path))
+        for old in os.listdir(folder):  # temp files of saves killed before their rename (kill -9, power loss)
+            pid = old[len(f".{name}.tmp-"):] if old.startswith(f".{name}.tmp-") else ""
+            if pid.isdigit() and os.name == "posix" and not _alive(int(pid)):
+                os.unlink(os.path.join(folder, old))
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")  # one writer per process: never shared
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 torch.save(payload, f)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
             os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            os.unlink(tmp) if os.path.exists(tmp) else None
             raise
 
     def load(self, path: str):
@@ -341,6 +343,8 @@ class Adapter:
             if saved.shape != target.shape:
                 raise ValueError(f"{path}: '{name}' has shape {tuple(saved.shape)}, this model needs "
                                  f"{tuple(target.shape)}.")
+            if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                raise ValueError(f"{path}: '{name}' holds NaN or infinite values: the run that saved it diverged.")
         with torch.no_grad():
             for _, saved, target in pairs:
                 target.copy_(saved)
@@ -393,6 +397,7 @@ def load_unilora(model: nn.Module, path: str, projection: Callable | None = None
     if kind != "balanced" and projection is None:
         raise ValueError(f"{path} was trained with the '{kind}' projection: pass the same factory again, "
                          f"load_unilora(model, path, projection=...).")
+    _check_file_fits(path, config, model)
     names = {layer[0] for layer in config["layers"]}
     with _all_or_nothing(model):
         try:
@@ -527,6 +532,14 @@ def _check_d(D: int, d: int) -> None:
                          f"(d = 23,040 of D = 147,456), or target more layers / raise r.")
 
 
+def _check_rank(r: int, layers: list) -> None:
+    """A rank-r update B A of an out x in matrix has rank <= min(in, out): a larger r only adds parameters."""
+    for name, fan_in, fan_out in layers:
+        if r > min(fan_in, fan_out):
+            raise ValueError(f"r={r} exceeds min(in, out) = {min(fan_in, fan_out)} of layer '{name}' ({fan_in} -> "
+                             f"{fan_out}): a rank-r update of that matrix needs r <= {min(fan_in, fan_out)}.")
+
+
 def check_settings(r: int, dropout: float) -> None:
     if r < 1:
         raise ValueError(f"r={r} must be a positive integer (the paper uses r = 4).")
@@ -591,6 +604,36 @@ def _check_config(path: str, config: dict, handle) -> None:
         if not (isinstance(layer, list) and len(layer) == 3 and isinstance(layer[0], str)
                 and all(isinstance(v, int) and v > 0 for v in layer[1:])):
             raise ValueError(f"{path}: config 'layers' holds {layer!r}, not [name, in_features, out_features].")
+
+
+def _check_file_fits(path: str, config: dict, model: nn.Module) -> None:
+    """What a file claims, checked against the model by arithmetic alone before P (D entries) is built: a damaged
+    2 KB file must not make load_unilora allocate gigabytes."""
+    modules = dict(model.named_modules())
+    for name, fan_in, fan_out in config["layers"]:
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (fan_in, fan_out):
+            found = f"{m.in_features} -> {m.out_features}" if isinstance(m, nn.Linear) else \
+                f"a {type(m).__name__}" if m is not None else "nothing"
+            raise ValueError(f"{path} does not fit this model: layer '{name}' is {fan_in} -> {fan_out} in the file, "
+                             f"this model has {found} there.")
+    try:
+        _check_rank(config["r"], config["layers"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} The file is damaged.") from None
+    D = sum(config["r"] * (fan_in + fan_out) for _, fan_in, fan_out in config["layers"])
+    if config["D"] != D:
+        raise ValueError(f"{path}: its config says D={config['D']}, its layers and r give D={D}; the file is damaged.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: is there such a process (POSIX only; on Windows os.kill terminates)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is another user's
+        pass
+    return True
 
 
 def _first_difference(saved, current) -> str:

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import (ACTIVATIONS, as_dtype, build_on_meta, embedding, head_count_check, load_config, load_state_dict,
-                    load_weights, require_config)
+from .files import (ACTIVATIONS, as_dtype, build_on_meta, config_value, embedding, head_count_check, load_config,
+                    load_state_dict, load_weights, shown)
 from .hub import resolve
 
 DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class RMSNorm(nn.Module):
@@ -42,23 +43,42 @@ class GemmaRMSNorm(RMSNorm):
         return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def rope_inv_freq(config: dict, head_dim: int, device=None):
-    """RoPE frequencies, with the rope_scaling types we support. Computed in fp32 at every call: a buffer would
-    be rounded by model.to(bfloat16) and is impossible on the meta device."""
-    scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 / 4 spellings
-    theta = config.get("rope_theta") or scaling.get("rope_theta", 10000.0)
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv = inv / scaling["factor"]
-    elif kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, the band between blended linearly
-        s = scaling
+def rope_settings(c: dict) -> dict:
+    """RoPE's theta and scaling from config.json, each field checked for the scaling types we support
+    (transformers 5 writes rope_parameters, transformers 4 wrote rope_scaling and rope_theta)."""
+    key = "rope_parameters" if c.get("rope_parameters") is not None else "rope_scaling"
+    scaling = config_value(c, key, "object", {})
+    kind = (config_value(scaling, "rope_type", "name", None, where=key)
+            or config_value(scaling, "type", "name", "default", where=key))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    rope = {"type": kind, "theta": config_value(c, "rope_theta", "positive", None)
+            or config_value(scaling, "rope_theta", "positive", 10000.0, where=key)}
+    if kind != "default":
+        rope["factor"] = config_value(scaling, "factor", "positive", where=key)
+    if kind == "llama3":
+        for field in ("low_freq_factor", "high_freq_factor"):
+            rope[field] = config_value(scaling, field, "positive", where=key)
+        rope["original_max_position_embeddings"] = config_value(scaling, "original_max_position_embeddings", "size",
+                                                                where=key)
+        if rope["high_freq_factor"] <= rope["low_freq_factor"]:  # the blend below divides by their difference
+            raise ValueError(f"{key}.high_freq_factor is {shown(rope['high_freq_factor'])}; expected a number above "
+                             f"{key}.low_freq_factor ({shown(rope['low_freq_factor'])})")
+    return rope
+
+
+def rope_inv_freq(rope: dict, head_dim: int, device=None):
+    """RoPE frequencies from rope_settings(). Computed in fp32 at every call: a buffer would be rounded by
+    model.to(bfloat16) and is impossible on the meta device."""
+    inv = 1.0 / float(rope["theta"]) ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if rope["type"] == "linear":
+        inv = inv / rope["factor"]
+    elif rope["type"] == "llama3":  # long wavelengths slowed by `factor`, short ones kept, the band between blended
+        s = rope
         wavelen = 2 * math.pi / inv
         blend = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
                  / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
         inv = (1 - blend) * inv / s["factor"] + blend * inv
-    elif kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
     return inv
 
 
@@ -87,11 +107,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, c, qkv_bias, o_bias):
+    def __init__(self, s, qkv_bias, o_bias):
         super().__init__()
-        H, self.n_heads = c["hidden_size"], c["num_attention_heads"]
-        self.n_kv = c.get("num_key_value_heads") or self.n_heads
-        self.head_dim = c.get("head_dim") or H // self.n_heads
+        H, self.n_heads, self.n_kv, self.head_dim = (s["hidden_size"], s["num_attention_heads"],
+                                                     s["num_key_value_heads"], s["head_size"])
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=qkv_bias)
@@ -109,9 +128,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):  # gated: SwiGLU (Llama family) or GeGLU (Gemma)
-    def __init__(self, c, bias, act):
+    def __init__(self, s, bias, act):
         super().__init__()
-        H, inner = c["hidden_size"], c["intermediate_size"]
+        H, inner = s["hidden_size"], s["intermediate_size"]
         self.gate_proj, self.up_proj = nn.Linear(H, inner, bias=bias), nn.Linear(H, inner, bias=bias)
         self.down_proj = nn.Linear(inner, H, bias=bias)
         self.act = act
@@ -121,11 +140,11 @@ class MLP(nn.Module):  # gated: SwiGLU (Llama family) or GeGLU (Gemma)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c, qkv_bias, o_bias, mlp_bias, act, norm):
+    def __init__(self, s, qkv_bias, o_bias, mlp_bias, act, norm):
         super().__init__()
-        self.self_attn, self.mlp = Attention(c, qkv_bias, o_bias), MLP(c, mlp_bias, act)
-        self.input_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
-        self.post_attention_layernorm = norm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn, self.mlp = Attention(s, qkv_bias, o_bias), MLP(s, mlp_bias, act)
+        self.input_layernorm = norm(s["hidden_size"], s["rms_norm_eps"])
+        self.post_attention_layernorm = norm(s["hidden_size"], s["rms_norm_eps"])
 
     def forward(self, x, cos, sin, mask, cache, i):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, i)
@@ -135,8 +154,45 @@ class DecoderLayer(nn.Module):
 def gemma_activation(c: dict) -> str:
     """Gemma's MLP activation: hidden_activation where the config has it, else hidden_act. The original releases
     say "gelu" but were trained with the tanh approximation, so transformers reads "gelu" as tanh; so do we."""
-    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    act = (config_value(c, "hidden_activation", "name", None) or config_value(c, "hidden_act", "name", None)
+           or "gelu_pytorch_tanh")
     return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
+def decoder_settings(c: dict) -> dict:
+    """Every config.json value the decoder reads, typed and ranged (config_value): a ValueError names the key."""
+    kind = config_value(c, "model_type", "name")
+    if kind not in ("llama", "mistral", "qwen2", "gemma"):
+        raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2, "
+                         "gemma)")
+    gemma = kind == "gemma"
+    s = {"model_type": kind, **{key: config_value(c, key, "size") for key in DECODER_SIZES}}
+    s["act"] = gemma_activation(c) if gemma else config_value(c, "hidden_act", "name", "silu")
+    if s["act"] not in (ACTIVATIONS if gemma else ("silu",)):
+        raise ValueError(f"hidden_act {s['act']!r} is not supported for {kind} "
+                         f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
+    if kind == "qwen2" and config_value(c, "use_sliding_window", "flag", False):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+    # newer Gemma-family configs can ask for attention both ways (transformers then drops the causal mask); this
+    # decoder is causal only, so it would load them and give other logits without a word
+    if gemma and config_value(c, "use_bidirectional_attention", "flag", False):
+        raise ValueError("Gemma with use_bidirectional_attention=true is not supported (this decoder is causal)")
+    s["num_key_value_heads"] = config_value(c, "num_key_value_heads", "size", s["num_attention_heads"])
+    s["head_dim"] = config_value(c, "head_dim", "size", None)
+    head_count_check(s)
+    s["head_size"] = s["head_dim"] or s["hidden_size"] // s["num_attention_heads"]
+    if s["head_size"] % 2:
+        raise ValueError(f"the head size {s['head_size']} (head_dim, else hidden_size / num_attention_heads) is odd; "
+                         "RoPE turns pairs of dimensions")
+    s["sliding_window"] = config_value(c, "sliding_window", "size", None) if kind == "mistral" else None
+    for key in ("attention_bias", "mlp_bias"):
+        s[key] = config_value(c, key, "flag", False)
+    s["rms_norm_eps"] = config_value(c, "rms_norm_eps", "positive")
+    s["tie_word_embeddings"] = config_value(c, "tie_word_embeddings", "flag", gemma)  # transformers' defaults
+    s["eos_token_id"] = config_value(c, "eos_token_id", "token ids", None, below=s["vocab_size"])
+    s["pad_token_id"] = config_value(c, "pad_token_id", "token id", None, below=s["vocab_size"])
+    s["rope"] = rope_settings(c)
+    return s
 
 
 class CausalLM(nn.Module):
@@ -149,37 +205,22 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        c, kind = config, config.get("model_type")
-        if kind not in ("llama", "mistral", "qwen2", "gemma"):
-            raise ValueError(f"model_type {kind!r} is not supported by CausalLM (supported: llama, mistral, qwen2, "
-                             "gemma)")
-        gemma = kind == "gemma"
-        act = gemma_activation(c) if gemma else c.get("hidden_act", "silu")
-        if act not in (ACTIVATIONS if gemma else ("silu",)):
-            raise ValueError(f"hidden_act {act!r} is not supported for {kind} "
-                             f"({', '.join(ACTIVATIONS) if gemma else 'Llama-family models use silu'})")
-        if kind == "qwen2" and c.get("use_sliding_window"):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported")
-        # newer Gemma-family configs can ask for attention both ways (transformers then drops the causal mask); this
-        # decoder is causal only, so it would load them and give other logits without a word
-        if gemma and c.get("use_bidirectional_attention"):
-            raise ValueError("Gemma with use_bidirectional_attention=true is not supported (this decoder is causal)")
-        head_count_check(c)
+        s = self.settings = decoder_settings(config)
+        kind, gemma = s["model_type"], s["model_type"] == "gemma"
         self.config = config
-        self.window = c.get("sliding_window") if kind == "mistral" else None
-        self.embed_scale = c["hidden_size"] ** 0.5 if gemma else None
-        bias = c.get("attention_bias", False)  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
+        self.window = s["sliding_window"]
+        self.embed_scale = s["hidden_size"] ** 0.5 if gemma else None
+        bias = s["attention_bias"]  # llama: one flag for q, k, v and o; qwen2: always on q, k, v only
         qkv_bias, o_bias = (True, False) if kind == "qwen2" else (bias, bias)
         norm = GemmaRMSNorm if gemma else RMSNorm
-        rope_inv_freq(c, 2, device="cpu")  # fail now, not at the first forward, on an unsupported rope_scaling
         self.model = nn.Module()
-        self.model.embed_tokens = embedding(c["vocab_size"], c["hidden_size"])
+        self.model.embed_tokens = embedding(s["vocab_size"], s["hidden_size"])
         self.model.layers = nn.ModuleList(
-            DecoderLayer(c, qkv_bias, o_bias, c.get("mlp_bias", False), ACTIVATIONS[act], norm)
-            for _ in range(c["num_hidden_layers"]))
-        self.model.norm = norm(c["hidden_size"], c["rms_norm_eps"])
-        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
-        self.tied = bool(c.get("tie_word_embeddings", gemma))  # transformers' defaults: Gemma tied, the others not
+            DecoderLayer(s, qkv_bias, o_bias, s["mlp_bias"], ACTIVATIONS[s["act"]], norm)
+            for _ in range(s["num_hidden_layers"]))
+        self.model.norm = norm(s["hidden_size"], s["rms_norm_eps"])
+        self.lm_head = nn.Linear(s["hidden_size"], s["vocab_size"], bias=False)
+        self.tied = s["tie_word_embeddings"]  # transformers' defaults: Gemma tied, the others not
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -199,7 +240,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self.embed_scale:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        freqs = pos[..., None].float() * rope_inv_freq(self.config, self.model.layers[0].self_attn.head_dim, dev)
+        freqs = pos[..., None].float() * rope_inv_freq(self.settings["rope"], self.settings["head_size"], dev)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         q_idx = torch.arange(past, past + T, device=dev)[:, None]
@@ -221,10 +262,10 @@ class CausalLM(nn.Module):
         """Greedy decoding with a KV cache; rows may be left-padded (mask 0). Returns only the new tokens (B, N),
         N <= max_new_tokens. A row that produced EOS is filled with the pad id afterwards; decoding stops once
         every row has. eos_token_id: int or list; None -> the config's; [] -> never stop early."""
-        eos = self.config.get("eos_token_id") if eos_token_id is None else eos_token_id
+        eos = self.settings["eos_token_id"] if eos_token_id is None else eos_token_id
         eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
                            device=input_ids.device)
-        pad = self.config.get("pad_token_id")
+        pad = self.settings["pad_token_id"]
         pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         cache, out = KVCache(), []
@@ -243,9 +284,8 @@ class CausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
-        config = load_config(folder)
-        require_config(config, folder, DECODER_SIZES, ("rms_norm_eps",))
-        model = build_on_meta(cls, config, folder)  # an unsupported config is reported before any weights are read
+        config = load_config(folder, decoder_settings)  # a bad config is reported before any weights are read
+        model = build_on_meta(cls, config, folder)
         sd = load_state_dict(folder)
         if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")

@@ -10,28 +10,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import (ACTIVATIONS, as_dtype, build_on_meta, embedding, head_count_check, load_config, load_state_dict,
-                    load_weights, require_config)
+from .files import (ACTIVATIONS, REQUIRED, as_dtype, build_on_meta, config_value, embedding, head_count_check,
+                    load_config, load_state_dict, load_weights)
 from .hub import resolve
 
 ENCODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings")
 
 
+def encoder_settings(c: dict) -> dict:
+    """Every config.json value the encoder reads, typed and ranged (config_value): a ValueError names the key."""
+    s = {"model_type": config_value(c, "model_type", "name")}
+    if s["model_type"] not in ("bert", "roberta"):
+        raise ValueError(f"model_type {s['model_type']!r} is not supported by Encoder (supported: bert, roberta)")
+    s.update({key: config_value(c, key, "size") for key in ENCODER_SIZES})
+    s["hidden_act"] = config_value(c, "hidden_act", "name")
+    if s["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {s['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
+    position = config_value(c, "position_embedding_type", "name", "absolute")
+    if position != "absolute":
+        raise ValueError(f"position_embedding_type {position!r} is not supported (only absolute)")
+    s["type_vocab_size"] = config_value(c, "type_vocab_size", "size", 2)
+    s["layer_norm_eps"] = config_value(c, "layer_norm_eps", "positive")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        s[key] = config_value(c, key, "probability", 0.0)
+    # read from encoder.config by the GLUE head (recipes/glue_model.py): checked with the rest
+    s["classifier_dropout"] = config_value(c, "classifier_dropout", "probability", None)
+    s["initializer_range"] = config_value(c, "initializer_range", "positive", 0.02)
+    # RoBERTa counts positions from its padding id; BERT's pad id only marks the embedding row that stays zero
+    needed = REQUIRED if s["model_type"] == "roberta" else None
+    s["pad_token_id"] = config_value(c, "pad_token_id", "token id", needed, below=s["vocab_size"])
+    if needed is REQUIRED and s["pad_token_id"] + 1 >= s["max_position_embeddings"]:
+        raise ValueError(f"pad_token_id {s['pad_token_id']} leaves no position for a token: RoBERTa numbers positions "
+                         f"from pad_token_id + 1, below max_position_embeddings {s['max_position_embeddings']}")
+    head_count_check(s)
+    return s
+
+
 class EncoderLayer(nn.Module):
     """Post-LayerNorm transformer block, nested exactly like Hugging Face's BertLayer (hence `attention.self`)."""
 
-    def __init__(self, c):
+    def __init__(self, s):
         super().__init__()
-        H, inner, eps = c["hidden_size"], c["intermediate_size"], c["layer_norm_eps"]
-        self.n_heads, self.p_attn = c["num_attention_heads"], c.get("attention_probs_dropout_prob", 0.0)
+        H, inner, eps = s["hidden_size"], s["intermediate_size"], s["layer_norm_eps"]
+        self.n_heads, self.p_attn = s["num_attention_heads"], s["attention_probs_dropout_prob"]
         self.attention = nn.Module()
         self.attention.self = nn.ModuleDict({n: nn.Linear(H, H) for n in ("query", "key", "value")})
         self.attention.output = nn.ModuleDict({"dense": nn.Linear(H, H), "LayerNorm": nn.LayerNorm(H, eps=eps)})
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(H, inner)})
         self.output = nn.ModuleDict({"dense": nn.Linear(inner, H), "LayerNorm": nn.LayerNorm(H, eps=eps)})
-        self.act = ACTIVATIONS[c["hidden_act"]]
-        self.dropout = nn.Dropout(c.get("hidden_dropout_prob", 0.0))  # active only in train mode, as in HF
+        self.act = ACTIVATIONS[s["hidden_act"]]
+        self.dropout = nn.Dropout(s["hidden_dropout_prob"])  # active only in train mode, as in HF
 
     def forward(self, x, mask):
         B, T, H = x.shape
@@ -60,28 +89,22 @@ class Encoder(nn.Module):
 
     def __init__(self, config: dict, pooler: bool = False):
         super().__init__()
-        c, H = config, config["hidden_size"]
-        if c.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {c['position_embedding_type']!r} is not supported "
-                             "(only absolute)")
-        if c["hidden_act"] not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported ({', '.join(ACTIVATIONS)})")
-        head_count_check(c)
-        self.config, self.roberta = config, c["model_type"] == "roberta"
+        s = encoder_settings(config)
+        H = s["hidden_size"]
+        self.config, self.roberta, self.pad_id = config, s["model_type"] == "roberta", s["pad_token_id"]
         self.embeddings = nn.ModuleDict({
-            "word_embeddings": embedding(c["vocab_size"], H, padding_idx=c.get("pad_token_id")),
-            "position_embeddings": embedding(c["max_position_embeddings"], H),
-            "token_type_embeddings": embedding(c.get("type_vocab_size", 2), H),
-            "LayerNorm": nn.LayerNorm(H, eps=c["layer_norm_eps"]),
-            "dropout": nn.Dropout(c.get("hidden_dropout_prob", 0.0))})
-        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(EncoderLayer(c) for _ in range(c["num_hidden_layers"]))})
+            "word_embeddings": embedding(s["vocab_size"], H, padding_idx=s["pad_token_id"]),
+            "position_embeddings": embedding(s["max_position_embeddings"], H),
+            "token_type_embeddings": embedding(s["type_vocab_size"], H),
+            "LayerNorm": nn.LayerNorm(H, eps=s["layer_norm_eps"]),
+            "dropout": nn.Dropout(s["hidden_dropout_prob"])})
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(EncoderLayer(s) for _ in range(s["num_hidden_layers"]))})
         self.pooler = Pooler(H) if pooler else None
 
     def position_ids(self, input_ids):
         if self.roberta:  # RoBERTa counts real tokens from padding_idx + 1; pads sit at padding_idx itself
-            pad = self.config["pad_token_id"]
-            real = input_ids.ne(pad).long()
-            return real.cumsum(-1) * real + pad
+            real = input_ids.ne(self.pad_id).long()
+            return real.cumsum(-1) * real + self.pad_id
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -100,12 +123,7 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
-        config = load_config(folder)
-        if config.get("model_type") not in ("bert", "roberta"):
-            raise ValueError(f"{folder}: model_type {config.get('model_type')!r} is not supported by Encoder "
-                             "(supported: bert, roberta)")
-        require_config(config, folder, ENCODER_SIZES, ("hidden_act", "layer_norm_eps")
-                       + (("pad_token_id",) if config["model_type"] == "roberta" else ()))
+        config = load_config(folder, encoder_settings)  # a bad config is reported before any weights are read
         sd = load_state_dict(folder)
         prefix = config["model_type"] + "."
         if any(k.startswith(prefix) for k in sd):  # a *ForMaskedLM/*ForPreTraining checkpoint: keep the base model,

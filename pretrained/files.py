@@ -34,31 +34,133 @@ def read_json(path, what="JSON file") -> dict:
     """A JSON object from a file; bad bytes, bad JSON or another top-level type -> ValueError naming the file."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
+        obj = parse_json(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); a {what} must be UTF-8 JSON") from None
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore the {what} from its source") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object a {what} must be")
     return obj
 
 
-def load_config(folder) -> dict:
+# A \ud800-\udfff escape: only text holding one can decode to half a surrogate pair, so most text skips the check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(text: str):
+    """json.loads of text decoded from UTF-8, with the two inputs it dies of or lets through as ValueErrors: nesting
+    deeper than Python's stack (a RecursionError), and a string holding half a surrogate pair (an escape
+    \\ud800-\\udfff on its own), which json.loads accepts but no UTF-8 file can hold: it would fail when printed
+    or saved."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply to read") from None
+    if _SURROGATE_ESCAPE.search(text) and _holds_surrogate(obj):
+        raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff), which no UTF-8 text can hold")
+    return obj
+
+
+def _holds_surrogate(obj) -> bool:
+    """Whether a string in obj, a key included, holds a surrogate: json.loads joins the two halves of a pair into
+    one character, so any left is alone. A loop, not recursion: obj may be nested as deep as json.loads allows."""
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return True
+        elif isinstance(x, dict):
+            todo += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            todo += x
+    return False
+
+
+def load_config(folder, settings=None) -> dict:
+    """config.json of a model folder. settings (e.g. encoder_settings) reads every value a model uses and raises a
+    ValueError naming the key; this names the file too, before any weights are read."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model folder needs the config.json that came with its weights")
-    return read_json(path, "config.json")
+    config = read_json(path, "config.json")
+    if settings is not None:
+        try:
+            settings(config)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return config
 
 
-def require_config(config: dict, folder, sizes=(), keys=()) -> None:
-    """Fail before building a model when config.json lacks a key or a size is not a positive integer."""
-    for key in (*sizes, *keys):
-        if key not in config:
-            raise ValueError(f"{Path(folder) / 'config.json'} has no {key!r}; is it the config.json of this model?")
-    for key in sizes:
-        if type(config[key]) is not int or config[key] <= 0:
-            raise ValueError(f"{Path(folder) / 'config.json'}: {key} is {config[key]!r}, not a positive integer")
+REQUIRED = object()  # config_value's default for a key the file must hold
+MAX_SIZE = 2**31  # far above any real model's sizes, and the product of two sizes stays within int64
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # bool is a subclass of int, and true is no size
+
+
+def _is_number(v) -> bool:  # finite: json.loads accepts NaN and Infinity, and a huge int is no float
+    return type(v) in (int, float) and -1e300 < v < 1e300
+
+
+def _token_id(v, below) -> bool:
+    return _is_int(v) and 0 <= v < below
+
+
+# kind -> (the JSON type it has, its test given `below`, what an error says was expected)
+_KINDS = {
+    "size": ("number", lambda v, _: _is_int(v) and 0 < v < MAX_SIZE, "a positive integer"),
+    "count": ("number", lambda v, _: _is_int(v) and 0 <= v < MAX_SIZE, "an integer >= 0"),
+    "token id": ("number", _token_id, "a token id from 0 to {last}"),
+    "token ids": ("number", lambda v, below: _token_id(v, below) or isinstance(v, list) and bool(v) and all(
+        _token_id(x, below) for x in v), "a token id from 0 to {last}, or a non-empty list of them"),
+    "positive": ("number", lambda v, _: _is_number(v) and v > 0, "a positive number"),
+    "probability": ("number", lambda v, _: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "flag": ("boolean", lambda v, _: type(v) is bool, "true or false"),
+    "name": ("string", lambda v, _: isinstance(v, str), "a string"),
+    "char": ("string", lambda v, _: isinstance(v, str) and len(v) == 1, "a single character"),
+    "object": ("object", lambda v, _: isinstance(v, dict), "an object"),
+    "list": ("list", lambda v, _: isinstance(v, list), "a list"),
+}
+
+
+def config_value(config: dict, key: str, kind: str, default=REQUIRED, *, where="", below=MAX_SIZE, choices=()):
+    """config[key], checked to be of `kind` (see _KINDS; token ids must be below `below`, a name one of `choices`
+    when given). A missing or null key gives `default` unless it is REQUIRED. Otherwise a one-line ValueError names
+    the key (after `where`, the JSON path of the object holding it), the value found and what was expected; the
+    loaders prefix the file."""
+    value = config.get(key)
+    if value is None and default is not REQUIRED:
+        return default
+    json_type, test, expected = _KINDS[kind]
+    ok = test(value, below) and (not choices or value in choices)
+    expected = f"one of {', '.join(choices)}" if choices else expected.format(last=below - 1)
+    if kind in ("size", "count") and _is_int(value) and value >= MAX_SIZE:
+        expected += f" below {MAX_SIZE}"
+    name = f"{where}.{key}" if where else key
+    if key not in config:
+        raise ValueError(f"{name} is missing; expected {expected}")
+    if not ok:
+        raise bad_value(name, value, expected, json_type)
+    return value
+
+
+def bad_value(name: str, value, expected: str, json_type=None) -> ValueError:
+    """The error for a value a file holds: `name is <its JSON>; expected ...`, with the value's JSON type after it
+    when json_type (the type expected) is given and the value has another (numbers and null speak for themselves)."""
+    found = next((t for cls, t in ((bool, "boolean"), (str, "string"), (list, "list"), (dict, "object"))
+                  if isinstance(value, cls)), None)
+    note = f" ({'an' if found == 'object' else 'a'} {found})" if json_type and found not in (json_type, None) else ""
+    return ValueError(f"{name} is {shown(value)}{note}; expected {expected}")
+
+
+def shown(value) -> str:
+    """A value as the JSON text a file holds, cut short: how errors quote it."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)  # NaN prints as NaN, as the file spells it
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_file_name(name, source) -> str:
@@ -73,10 +175,15 @@ def check_file_name(name, source) -> str:
 
 
 def atomic_write(path, write):
-    """write(f) into a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """write(f) into a temp file in the same folder, then rename: a crash never leaves a half-written file. The temp
+    is .<name>.<host>.<pid>.<random>.tmp, so a later write of the same file removes the temps of writers on this
+    machine that were killed before their rename (kill -9, a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    host = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+    prefix = f".{path.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}."  # another machine's pids mean nothing here
+    _remove_dead_temps(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -87,6 +194,30 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _remove_dead_temps(folder: Path, prefix: str):
+    """Remove the temps <prefix><pid>.<random>.tmp whose writer is gone. Only POSIX can ask whether a pid lives
+    without touching the process (os.kill(pid, 0); on Windows it would end it), so elsewhere they stay."""
+    if os.name != "posix":
+        return
+    for name in os.listdir(folder):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.\w+\.tmp", name)
+        if m and not _pid_alive(int(m[1])):
+            try:
+                os.unlink(folder / name)
+            except OSError:  # removed by another writer first, or not this user's to remove: the write goes on
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number too big for a pid is left alone
+        pass
+    return True
 
 
 def _umask() -> int:
@@ -285,12 +416,13 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": gelu_
 
 
 
-def head_count_check(c: dict):
-    """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly."""
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if not c.get("head_dim") and c["hidden_size"] % heads:
-        raise ValueError(f"hidden_size {c['hidden_size']} is not a multiple of num_attention_heads {heads}")
-    if type(kv) is not int or kv <= 0 or heads % kv:
+def head_count_check(s: dict):
+    """Heads must split the hidden size (unless head_dim is given) and share the key/value heads evenly. s holds
+    values config_value checked; num_key_value_heads and head_dim are None or absent when the config has none."""
+    heads, kv = s["num_attention_heads"], s.get("num_key_value_heads") or s["num_attention_heads"]
+    if not s.get("head_dim") and s["hidden_size"] % heads:
+        raise ValueError(f"hidden_size {s['hidden_size']} is not a multiple of num_attention_heads {heads}")
+    if heads % kv:
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
 
 

@@ -4,9 +4,13 @@ Why it exists: it replaces `huggingface_hub` for the few files a model needs. A 
 resumably and verified, into a cache that later calls reuse offline; the token goes to the hub's own origin only.
 
 Cache layout (our own, simple): <root>/<org>--<name>/<revision>/<files>, where <root> is `cache_dir` if given,
-else $HF_HUB_CACHE/unilora, else $HF_HOME/unilora, else ~/.cache/huggingface/unilora. A `.complete` marker is
-written once every file of a default fetch is in place, so later calls need no network at all.
+else $HF_HUB_CACHE/unilora, else $HF_HOME/unilora, else ~/.cache/huggingface/unilora, and a '/' in a revision
+becomes '--' too (cache_folder() escapes names that could be read two ways). A `.complete` marker is written once
+every file of a default fetch is in place, so later calls need no network at all. One process at a time downloads
+a given file: it holds an OS lock on `<file>.lock` beside it, and others wait, then use its result.
 """
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -20,6 +24,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .files import atomic_write, check_file_name, read_index
+
+if os.name == "nt":
+    import msvcrt
+    _LOCK, _TRY_LOCK, _UNLOCK = msvcrt.LK_LOCK, msvcrt.LK_NBLCK, msvcrt.LK_UNLCK
+else:
+    import fcntl
+    _LOCK, _TRY_LOCK, _UNLOCK = fcntl.LOCK_EX, fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # tried in this order
@@ -77,29 +88,49 @@ class _ScopedRedirects(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def download(url: str, dest, *, token=None, timeout: float = 60.0) -> Path:
+def download(url: str, dest, *, token=None, timeout: float = 60.0, cache=None) -> Path:
     """Fetch url to dest unless dest exists; verified, then renamed into place, so dest is always a complete file.
 
     The token goes only to the hub's own origin (HF_ENDPOINT), whatever URL it is passed with. An interrupted
-    download stays in dest.incomplete and is resumed only with If-Range on the ETag it came from, so a remote file
-    that changed in between is fetched again from zero instead of being mixed with the old bytes. The result must
-    have every size the server states (Content-Length, Content-Range, the hub's X-Linked-Size) and the sha256 the
-    hub states for LFS files; a body whose end cannot be checked at all is refused."""
+    download stays in dest.incomplete and is resumed only with If-Range on the ETag it came from, and only when the
+    server's answer carries that same ETag, so a remote file that changed in between is fetched again from zero
+    instead of being mixed with the old bytes. The result must have every size the server states (Content-Length,
+    Content-Range, the hub's X-Linked-Size) and the sha256 the hub states for LFS files; a body whose end cannot be
+    checked at all is refused. One process at a time downloads dest (an OS lock on dest.lock, held throughout):
+    another one waits, then uses its file. `cache` is the folder dest lies in (resolve() passes the hub cache): no
+    folder or file this writes below it may be a symbolic link, which could redirect the write anywhere."""
     dest = Path(dest)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part, tag = dest.with_name(dest.name + ".incomplete"), dest.with_name(dest.name + ".incomplete.etag")
+    part, tag, lock = (dest.with_name(dest.name + end) for end in (".incomplete", ".incomplete.etag", ".lock"))
+    _refuse_symlinks(dest, Path(cache) if cache is not None else dest.parent, (part, tag, lock))
+    with _locked(lock, dest.name):
+        if dest.exists():  # another process finished it while this one waited
+            return dest
+        checks = _transfer(url, part, tag, token, timeout, dest.name)
+        if checks is None:  # the partial could not be continued and was discarded: once more, from zero
+            checks = _transfer(url, part, tag, token, timeout, dest.name)
+        _verify(part, tag, *checks, url)
+        os.replace(part, dest)
+        tag.unlink(missing_ok=True)
+    return dest
+
+
+def _transfer(url, part: Path, tag: Path, token, timeout, label):
+    """Receive url into part, continuing the partial where that is safe: (size, sha256) the result must have, or
+    None when the partial turned out not to continue this file and was discarded."""
     start, etag = _resumable(part, tag)
     try:
         resp, hops = _request(url, token, start, etag, timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # range not satisfiable: the partial is no prefix of the file; start over
             _discard(part, tag)
-            return download(url, dest, token=token, timeout=timeout)
+            return None
         raise
     with resp:
         start = _resume_point(resp, url, part, tag, start, etag)
+        if start is None:
+            return None
         size, sha256 = _expected(resp, hops, url)
         if size is None and sha256 is None and not resp.chunked:
             _discard(part, tag)
@@ -107,11 +138,95 @@ def download(url: str, dest, *, token=None, timeout: float = 60.0) -> Path:
                                   "told apart from a complete one; refusing it. Fetch the file another way and pass "
                                   "its local path.")
         _remember_etag(resp, tag)
-        _receive(resp, part, start, size, url, dest.name)
-    _verify(part, tag, size, sha256, url)
-    os.replace(part, dest)
-    tag.unlink(missing_ok=True)
-    return dest
+        _receive(resp, part, start, size, url, label)
+    return size, sha256
+
+
+def _refuse_symlinks(dest: Path, root: Path, files=()):
+    """No folder below root on the way to dest, nor dest or `files`, may be a symbolic link: one planted in a shared
+    cache would send the download (or its partial, or its lock) to any file the user can write."""
+    try:
+        parts = dest.relative_to(root).parts
+    except ValueError:
+        raise ValueError(f"download(cache={str(root)!r}): {dest} is not inside that folder") from None
+    on_the_way = [root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]  # each folder below root, then dest
+    for path in [*on_the_way, *files]:
+        if path.is_symlink():
+            raise _symlink_error(path)
+
+
+def _symlink_error(path) -> PermissionError:
+    return PermissionError(f"refusing to write through the symbolic link {path} in the download cache (it could "
+                           "point anywhere); remove it, or pass another cache_dir=")
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    """os.open for the files a download writes, never through a symbolic link (O_NOFOLLOW where the OS has it): the
+    check before the download cannot see a link planted after it."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError:
+        if path.is_symlink():
+            raise _symlink_error(path) from None
+        raise
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, label):
+    """Hold an exclusive OS lock on the file `lock` for the block. The OS drops a lock when its holder dies, so a
+    killed download's lock is simply taken over. The holder removes the file before unlocking it; a waiter that then
+    gets the lock of the removed file sees that `lock` is another file now, and tries again on that one."""
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)  # at each try: a failed resolve() removes empty folders
+        fd = _open_nofollow(lock, os.O_RDWR | os.O_CREAT)
+        try:
+            _acquire(fd, lock, label)
+            if _still_at(fd, lock):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows cannot remove an open file: there it stays, unlocked
+            lock.unlink()
+        _os_lock(fd, _UNLOCK)
+        os.close(fd)
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _acquire(fd: int, lock: Path, label):
+    """Lock fd exclusively, waiting (and saying so) while another process holds it."""
+    try:
+        _os_lock(fd, _TRY_LOCK)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # e.g. ENOLCK: a file system without locks
+            raise OSError(f"cannot lock {lock} ({e.strerror}): the download cache's file system has no file locks; "
+                          "pass cache_dir= on one that has (a local disk)") from None
+        print(f"waiting for another process to finish downloading {label} (it holds {lock})", file=sys.stderr)
+        _os_lock(fd, _LOCK)
+
+
+def _os_lock(fd: int, operation: int):
+    """fcntl.flock on POSIX (a lock of the open file, so also between threads); msvcrt.locking of byte 0 on Windows,
+    whose LK_LOCK gives up after 10 seconds: it is tried again for as long as the holder works."""
+    if os.name != "nt":
+        return fcntl.flock(fd, operation)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        try:
+            return msvcrt.locking(fd, operation, 1)
+        except OSError as e:
+            if operation != _LOCK or e.errno != errno.EDEADLOCK:
+                raise
 
 
 def _discard(part: Path, tag: Path):
@@ -144,20 +259,27 @@ def _request(url, token, start, etag, timeout):
         raise ConnectionError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
 
 
-def _resume_point(resp, url, part, tag, start, etag) -> int:
-    """Where the response's bytes go: 0 for a whole file, `start` for a 206 whose Content-Range says exactly that."""
+def _resume_point(resp, url, part, tag, start, etag):
+    """Where the response's bytes go: 0 for a whole file, `start` for a 206 whose Content-Range says exactly that and
+    whose ETag is the partial's. None for a 206 without that ETag (the partial is discarded): a server that ignores
+    If-Range sends a new version's bytes as readily as the old one's, and only an equal strong ETag proves them the
+    same version."""
     if resp.status != 206:
         if start:
             print(f"{url} changed since the partial download (or the server ignores ranges): starting over",
                   file=sys.stderr)
         return 0
     rng = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", resp.headers.get("Content-Range", "").strip())
-    if not start or not rng or int(rng[1]) != start or int(rng[2]) != int(rng[3]) - 1 or \
-            resp.headers.get("ETag", etag) != etag:
+    if not start or not rng or int(rng[1]) != start or int(rng[2]) != int(rng[3]) - 1:
         _discard(part, tag)
         raise ConnectionError(f"{url}: asked for bytes {start}- of version {etag}, the server sent Content-Range "
                               f"{resp.headers.get('Content-Range')!r} (ETag {resp.headers.get('ETag')}); the partial "
                               "download was discarded, run again to start over")
+    if (got := (resp.headers.get("ETag") or "").strip()) != etag:
+        print(f"{url}: the server sent the rest of the file with {f'ETag {got}' if got else 'no ETag'}, not the "
+              f"partial download's ETag {etag}: starting over from zero", file=sys.stderr)
+        _discard(part, tag)
+        return None
     return start
 
 
@@ -201,9 +323,10 @@ def _remember_etag(resp, tag: Path):
 
 
 def _receive(resp, part: Path, start, size, url, label):
+    fd = _open_nofollow(part, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if start else os.O_TRUNC))
     try:
-        with open(part, "ab" if start else "wb") as f, tqdm(total=size, initial=start, unit="B", unit_scale=True,
-                                                            unit_divisor=1024, desc=label, disable=None) as bar:
+        with os.fdopen(fd, "ab" if start else "wb") as f, tqdm(total=size, initial=start, unit="B", unit_scale=True,
+                                                               unit_divisor=1024, desc=label, disable=None) as bar:
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -251,6 +374,21 @@ def remove_if_empty(folders) -> None:
             folder.rmdir()
 
 
+def cache_folder(repo: str, revision: str, cache_dir=None) -> Path:
+    """<root>/<repo>/<revision>, each name one folder with '/' as '--'. A part of a name that could be read two ways
+    (it holds '--' or '%', or starts or ends with '-') has its '-' and '%' percent-escaped, so no two names share a
+    folder ('org--m' and 'org/m', 'refs--pr--1' and 'refs/pr/1'), while 'org/name' and 'main' keep the plain folder
+    names earlier versions used."""
+    def escape(part):
+        if "--" in part or "%" in part or part.startswith("-") or part.endswith("-"):
+            return part.replace("%", "%25").replace("-", "%2D")
+        return part
+
+    def folder_name(name):
+        return "--".join(escape(part) for part in name.split("/"))
+    return cache_root(cache_dir) / folder_name(repo) / folder_name(revision)
+
+
 def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None, token=None) -> Path:
     """A local folder as is; otherwise a hub repo id, downloaded once into the cache and reused offline.
 
@@ -267,14 +405,14 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
     check_file_name(revision, "revision")
     for filename in files or ():
         check_file_name(filename, "resolve(files=...)")
-    folder = cache_root(cache_dir) / repo.replace("/", "--") / revision.replace("/", "--")
+    folder = cache_folder(repo, revision, cache_dir)
     token = hub_token(token)
     created = missing_dirs(folder)  # a failed first download leaves no empty cache folders behind
 
     def fetch(filename, optional=False):
         url = f"{hub_endpoint()}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"
         try:
-            return download(url, folder / filename, token=token)
+            return download(url, folder / filename, token=token, cache=cache_root(cache_dir))
         except urllib.error.HTTPError as e:
             if e.code == 404 and optional:
                 return None
@@ -302,7 +440,7 @@ def resolve(name_or_path, files=None, *, revision: str = "main", cache_dir=None,
                 raise FileNotFoundError(f"{repo} has none of {', '.join(WEIGHT_FILES)}")
             for filename in OPTIONAL_FILES:
                 fetch(filename, optional=True)
-            (folder / ".complete").touch()
+            atomic_write(folder / ".complete", lambda f: None)  # a rename: never writes through a planted link
     except BaseException as e:
         remove_if_empty(created)
         if not isinstance(e, ConnectionError):

@@ -1,12 +1,10 @@
 """Tokenizer.from_pretrained(folder): Hugging Face `tokenizer.json` files read exactly as `tokenizers` reads them.
 
-
-The project may not depend on ``tokenizers``/``transformers``, yet fine-tuning and evaluation must see
-exactly the ids the pretrained checkpoints were trained with. This section re-implements the parts of
-the ``tokenizers`` pipeline used by WordPiece (BERT), byte-level BPE (GPT-2, RoBERTa, Llama-3, Qwen2,
-SmolLM) and SentencePiece-style BPE (Llama-2, Mistral) with the standard library only, and raises a
-ValueError naming any component it does not know rather than tokenizing differently.
-"""
+The project may not depend on `tokenizers`/`transformers`, yet fine-tuning and evaluation must see exactly the ids
+the pretrained checkpoints were trained with. This file re-implements the parts of the `tokenizers` pipeline used
+by WordPiece (BERT), byte-level BPE (GPT-2, RoBERTa, Llama-3, Qwen2, SmolLM) and SentencePiece-style BPE (Llama-2,
+Mistral) with the standard library only, and raises a ValueError naming any component or value it does not know
+rather than tokenizing differently."""
 import functools
 import re
 import unicodedata
@@ -16,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .files import read_json
+from .files import REQUIRED, bad_value, config_value, read_json, shown
 
 # --- Unicode character classes ------------------------------------------------------------------
 # Python's `re` has no \p{..}, and its \s/\w differ from Oniguruma's (Python counts U+001C-U+001F as
@@ -111,10 +109,24 @@ def _compile(pattern: str, group: bool = False) -> _Regex:
     return _Regex(f"({full})", f"({bmp})") if group else _Regex(full, bmp)
 
 
-def _pattern(d: dict, group: bool = False) -> _Regex:
-    if "String" in d:
-        return _Regex(f"({re.escape(d['String'])})" if group else re.escape(d["String"]))
-    return _compile(d["Regex"], group)
+def _literal(text: str, group: bool = False) -> _Regex:
+    return _Regex(f"({re.escape(text)})" if group else re.escape(text))
+
+
+def _pattern(d: dict, where: str, group: bool = False) -> _Regex:
+    """d's "pattern": {"String": text} or {"Regex": an Oniguruma pattern}; one that does not compile is named by its
+    JSON path. It is compiled unwrapped too: "a)|(b" is no regex, though the grouped "(a)|(b)" is."""
+    p = config_value(d, "pattern", "object", where=where)
+    where += ".pattern"
+    if len(p) != 1 or not p.keys() <= {"String", "Regex"} or not isinstance(next(iter(p.values())), str):
+        raise bad_value(where, p, '{"String": text} or {"Regex": pattern}')
+    if "String" in p:
+        return _literal(p["String"], group)
+    try:
+        _compile(p["Regex"])
+        return _compile(p["Regex"], group)
+    except (ValueError, re.error, RecursionError, OverflowError) as e:  # bad syntax, a class we lack, absurd nesting
+        raise ValueError(f"{where}.Regex {shown(p['Regex'])} does not compile ({e})") from None
 
 
 # --- byte-level alphabet and per-character normalization ----------------------------------------
@@ -191,9 +203,25 @@ def _split(s: str, rx: _Regex, behavior: str, invert: bool = False):
 
 
 # --- models --------------------------------------------------------------------------------------
+def _flag(d: dict, where: str, key: str, default: bool) -> bool:
+    return config_value(d, key, "flag", default, where=where)
+
+
+def _vocab(d: dict) -> dict:
+    """model.vocab: token -> id, every id an integer >= 0."""
+    vocab = config_value(d, "vocab", "object", where="model")
+    for token, i in vocab.items():
+        if type(i) is not int or i < 0:
+            raise bad_value(f"model.vocab[{shown(token)}]", i, "an integer >= 0", "number")
+    return vocab
+
+
 class _Model:
     def __init__(self, d: dict):
-        self.vocab, self.unk, self.cache = dict(d.get("vocab") or {}), d.get("unk_token"), {}
+        self.vocab, self.cache = _vocab(d), {}
+        self.unk = config_value(d, "unk_token", "name", None, where="model")
+        if self.unk is not None and self.unk not in self.vocab:
+            raise ValueError(f"model.unk_token is {shown(self.unk)}, which is not in model.vocab")
 
     def __call__(self, word: str) -> tuple:
         ids = self.cache.get(word)
@@ -217,7 +245,8 @@ class _WordLevel(_Model):
 class _WordPiece(_Model):
     def __init__(self, d):
         super().__init__(d)
-        self.prefix, self.max_chars = d.get("continuing_subword_prefix", "##"), d.get("max_input_chars_per_word", 100)
+        self.prefix = config_value(d, "continuing_subword_prefix", "name", "##", where="model")
+        self.max_chars = config_value(d, "max_input_chars_per_word", "size", 100, where="model")
 
     def tokenize(self, word):
         if len(word) > self.max_chars:
@@ -238,17 +267,21 @@ class _WordPiece(_Model):
 class _BPE(_Model):
     def __init__(self, d):
         super().__init__(d)
-        if d.get("dropout"):
-            raise ValueError("BPE dropout is not supported: it makes encoding random")
-        self.prefix, self.suffix = d.get("continuing_subword_prefix") or "", d.get("end_of_word_suffix") or ""
-        self.byte_fallback, self.fuse_unk = d.get("byte_fallback", False), d.get("fuse_unk", False)
-        self.ignore_merges = d.get("ignore_merges", False)
+        if config_value(d, "dropout", "probability", None, where="model"):
+            raise ValueError("model.dropout: BPE dropout is not supported: it makes encoding random")
+        self.prefix = config_value(d, "continuing_subword_prefix", "name", "", where="model")
+        self.suffix = config_value(d, "end_of_word_suffix", "name", "", where="model")
+        self.byte_fallback, self.fuse_unk, self.ignore_merges = (
+            _flag(d, "model", key, False) for key in ("byte_fallback", "fuse_unk", "ignore_merges"))
         self.merges = {}  # (left id, right id) -> (rank, merged id)
-        for rank, m in enumerate(d.get("merges") or []):
-            a, b = m.split(" ") if isinstance(m, str) else m
+        for rank, m in enumerate(config_value(d, "merges", "list", [], where="model")):
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise bad_value(f"model.merges[{rank}]", m, 'a "left right" string or a ["left", "right"] pair')
+            a, b = pair
             merged = a + b[len(self.prefix):]
             if not {a, b, merged} <= self.vocab.keys():
-                raise ValueError(f"BPE merge {a!r} {b!r} uses a token missing from the vocabulary")
+                raise ValueError(f"model.merges[{rank}] ({shown(a)} {shown(b)}) uses a token missing from model.vocab")
             self.merges.setdefault((self.vocab[a], self.vocab[b]), (rank, self.vocab[merged]))
 
     def tokenize(self, word):
@@ -301,34 +334,42 @@ def _insert_descending(queue: list, item):
 
 
 # --- pipeline components built from tokenizer.json ----------------------------------------------
-def _normalizer(d: dict):
+# Each builder takes its object and the object's JSON path (for errors); Tokenizer._build has checked its type.
+NORMALIZERS = ("BertNormalizer", "NFC", "NFD", "NFKC", "NFKD", "Strip", "Replace", "Prepend", "StripAccents",
+               "Lowercase", "ByteLevel")
+PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "BertPreTokenizer", "Split", "Digits", "Whitespace", "WhitespaceSplit",
+                  "Punctuation", "CharDelimiterSplit")
+POST_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel")
+DECODERS = ("ByteLevel", "WordPiece", "Metaspace", "Replace", "ByteFallback", "Fuse", "Strip", "BPEDecoder")
+BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")  # of a split
+
+
+def _normalizer(d: dict, where: str):
     t = d["type"]
     if t == "BertNormalizer":
-        table = _BertCleanup(d.get("clean_text", True), d.get("handle_chinese_chars", True))
-        lower = d.get("lowercase", True)
-        strip = lower if d.get("strip_accents") is None else d["strip_accents"]
+        table = _BertCleanup(_flag(d, where, "clean_text", True), _flag(d, where, "handle_chinese_chars", True))
+        lower = _flag(d, where, "lowercase", True)
+        strip = _flag(d, where, "strip_accents", lower)  # null: as lowercase
         return lambda s: (_lower if lower else str)(
             _strip_marks(unicodedata.normalize("NFD", s.translate(table))) if strip else s.translate(table))
     if t in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda s: unicodedata.normalize(t, s)
     if t == "Strip":
-        left, right = d.get("strip_left", True), d.get("strip_right", True)
+        left, right = _flag(d, where, "strip_left", True), _flag(d, where, "strip_right", True)
         return lambda s: s.strip(_WS) if left and right else s.lstrip(_WS) if left else s.rstrip(_WS) if right else s
     if t == "Replace":
-        rx, content = _pattern(d["pattern"]), d["content"]
+        rx, content = _pattern(d, where), config_value(d, "content", "name", where=where)
         return lambda s: rx(s).sub(lambda m: content, s)
     if t == "Prepend":
-        return lambda s: d["prepend"] + s if s else s
+        prepend = config_value(d, "prepend", "name", where=where)
+        return lambda s: prepend + s if s else s
     if t == "StripAccents":
         return lambda s: _strip_marks(s, "M")
-    return {"Lowercase": _lower, "ByteLevel": _to_byte_chars}.get(t)
+    return {"Lowercase": _lower, "ByteLevel": _to_byte_chars}[t]
 
 
 def _splitter(rx: _Regex, behavior: str, invert: bool = False):
     """A pre-tokenizer: (pieces, whether pieces[0] starts the input) -> the same, split further."""
-    if behavior not in ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"):
-        raise ValueError(f"unsupported split behavior {behavior!r}")
-
     def f(state):
         out, first = [], state[1]
         for i, p in enumerate(state[0]):
@@ -339,10 +380,16 @@ def _splitter(rx: _Regex, behavior: str, invert: bool = False):
     return f
 
 
-def _pre_tokenizer(d: dict):
+def _prepend_scheme(d: dict, where: str) -> str:
+    """Metaspace's prepend_scheme; older files say add_prefix_space instead."""
+    legacy = "always" if _flag(d, where, "add_prefix_space", True) else "never"
+    return config_value(d, "prepend_scheme", "name", legacy, where=where, choices=("always", "first", "never"))
+
+
+def _pre_tokenizer(d: dict, where: str):
     t = d["type"]
     if t == "ByteLevel":
-        prefix, rx = d.get("add_prefix_space", True), d.get("use_regex", True) and _compile(
+        prefix, rx = _flag(d, where, "add_prefix_space", True), _flag(d, where, "use_regex", True) and _compile(
             r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+", True)  # GPT-2's
 
         def byte_level(state):
@@ -353,8 +400,8 @@ def _pre_tokenizer(d: dict):
             return out, state[1]
         return byte_level
     if t == "Metaspace":
-        rep, split = d.get("replacement", "\u2581"), d.get("split", True)
-        scheme = d.get("prepend_scheme") or ("always" if d.get("add_prefix_space", True) else "never")
+        rep, split = config_value(d, "replacement", "char", "\u2581", where=where), _flag(d, where, "split", True)
+        scheme, rx = _prepend_scheme(d, where), _literal(rep, True)
 
         def metaspace(state):
             out = []
@@ -362,40 +409,34 @@ def _pre_tokenizer(d: dict):
                 s = s.replace(" ", rep)
                 if (scheme == "always" or scheme == "first" and i == 0 and state[1]) and not s.startswith(rep):
                     s = rep + s
-                out += _split(s, _pattern({"String": rep}, True), "MergedWithNext")[0] if split else [s]
+                out += _split(s, rx, "MergedWithNext")[0] if split else [s]
             return out, state[1]
         return metaspace
     if t == "BertPreTokenizer":
         ws, punct = _splitter(_compile(r"\s", True), "Removed"), _splitter(_compile(r"\p{punct}", True), "Isolated")
         return lambda state: punct(ws(state))
-    args = {"Split": lambda: (_pattern(d["pattern"], True), d["behavior"], d.get("invert", False)),
-            "Digits": lambda: (_compile(r"\p{N}", True), "Isolated" if d.get("individual_digits") else "Contiguous"),
+
+    def behavior(default=REQUIRED):
+        return config_value(d, "behavior", "name", default, where=where, choices=BEHAVIORS)
+    args = {"Split": lambda: (_pattern(d, where, True), behavior(), _flag(d, where, "invert", False)),
+            "Digits": lambda: (_compile(r"\p{N}", True),
+                               "Isolated" if _flag(d, where, "individual_digits", False) else "Contiguous"),
             "Whitespace": lambda: (_compile(r"\w+|[^\w\s]+", True), "Removed", True),
             "WhitespaceSplit": lambda: (_compile(r"\s", True), "Removed"),
-            "Punctuation": lambda: (_compile(r"\p{punct}", True), d.get("behavior", "Isolated")),
-            "CharDelimiterSplit": lambda: (_pattern({"String": d.get("delimiter", "")}, True), "Removed")}.get(t)
-    return args and _splitter(*args())
+            "Punctuation": lambda: (_compile(r"\p{punct}", True), behavior("Isolated")),
+            "CharDelimiterSplit": lambda: (_literal(config_value(d, "delimiter", "char", where=where), True),
+                                           "Removed")}[t]
+    return _splitter(*args())
 
 
-def _post_processor(d: dict):
-    """A post-processor: ([(ids, type_ids)] per input, add_special_tokens) -> the same; with .n_added(pair)."""
+def _post_processor(d: dict, where: str):
+    """A post-processor: ([(ids, type_ids)] per input, add_special_tokens) -> the same; with .n_added(pair), and
+    .ids, the (JSON path, token id) pairs it adds, which Tokenizer checks against its vocabulary."""
     t = d["type"]
     if t == "TemplateProcessing":
-        specials = {k: v["ids"] for k, v in d.get("special_tokens", {}).items()}
-
-        def template(seqs, add):
-            ids, types = [], []
-            for piece in d["pair" if len(seqs) == 2 else "single"]:
-                (kind, p), = piece.items()
-                new = seqs[p["id"] != "A"][0] if kind == "Sequence" else specials[p["id"]] if add else []
-                ids += new
-                types += [p["type_id"]] * len(new)
-            return [(ids, types)]
-        template.n_added = lambda pair: sum(len(specials[p["SpecialToken"]["id"]])
-                                            for p in d["pair" if pair else "single"] if "SpecialToken" in p)
-        return [template]
+        return [_template(d, where)]
     if t in ("BertProcessing", "RobertaProcessing"):
-        cls, sep, roberta = d["cls"][1], d["sep"][1], t == "RobertaProcessing"
+        cls, sep, roberta = _token_and_id(d, "cls", where), _token_and_id(d, "sep", where), t == "RobertaProcessing"
 
         def bert(seqs, add):
             if not add:  # RoBERTa has a single token type, and says so even without specials
@@ -406,11 +447,72 @@ def _post_processor(d: dict):
                 out.append((b, [int(not roberta)] * len(b)))
             return out
         bert.n_added = lambda pair: (3 + roberta) if pair else 2
+        bert.ids = [(f"{where}.cls[1]", cls), (f"{where}.sep[1]", sep)]
         return [bert]
-    return [] if t == "ByteLevel" else None  # ByteLevel only trims offsets, which we do not report
+    return []  # ByteLevel only trims offsets, which we do not report
 
 
-def _decoder(d: dict):
+def _token_and_id(d: dict, key: str, where: str) -> int:
+    """BertProcessing's cls or sep: a [token, id] pair; its id."""
+    pair = config_value(d, key, "list", where=where)
+    if len(pair) != 2 or not isinstance(pair[0], str) or type(pair[1]) is not int:
+        raise bad_value(f"{where}.{key}", pair, 'a ["token", id] pair')
+    return pair[1]
+
+
+def _template(d: dict, where: str):
+    specials, checks = {}, []  # special token name -> its ids; (JSON path, id) of each, for Tokenizer to check
+    for name, v in config_value(d, "special_tokens", "object", {}, where=where).items():
+        at = f"{where}.special_tokens[{shown(name)}]"
+        if not isinstance(v, dict):
+            raise bad_value(at, v, 'an object with "ids"', "object")
+        specials[name] = config_value(v, "ids", "list", where=at)
+        checks += [(f"{at}.ids[{i}]", tid) for i, tid in enumerate(specials[name])]
+    templates = {key: _template_pieces(d, key, where, specials) for key in ("single", "pair")}
+
+    def template(seqs, add):
+        ids, types = [], []
+        for kind, name, type_id in templates["pair" if len(seqs) == 2 else "single"]:
+            new = seqs[name != "A"][0] if kind == "Sequence" else specials[name] if add else []
+            ids += new
+            types += [type_id] * len(new)
+        return [(ids, types)]
+    template.n_added = lambda pair: sum(len(specials[name]) for kind, name, _ in templates["pair" if pair else "single"]
+                                        if kind == "SpecialToken")
+    template.ids = checks
+    return template
+
+
+def _template_pieces(d: dict, key: str, where: str, specials: dict) -> list:
+    """Template `key` ("single" or "pair") as [(kind, id, type_id)]: each piece a {"Sequence": ...} naming A (or B,
+    in a pair) or a {"SpecialToken": ...} naming one of the template's special_tokens."""
+    out = []
+    for i, piece in enumerate(_objects(d, key, where)):
+        at = f"{where}.{key}[{i}]"
+        kind, p = next(iter(piece.items())) if len(piece) == 1 else (None, None)
+        if kind not in ("Sequence", "SpecialToken") or not isinstance(p, dict):
+            raise bad_value(at, piece, 'an object {"Sequence": {...}} or {"SpecialToken": {...}}')
+        name = config_value(p, "id", "name", where=f"{at}.{kind}")
+        type_id = config_value(p, "type_id", "count", where=f"{at}.{kind}")
+        if kind == "Sequence" and name not in ("A", "B")[:1 + (key == "pair")]:
+            raise bad_value(f"{at}.Sequence.id", name, "A" if key == "single" else "A or B")
+        if kind == "SpecialToken" and name not in specials:
+            raise ValueError(f"{at} names the special token {shown(name)}, which {where}.special_tokens does not "
+                             "define")
+        out.append((kind, name, type_id))
+    return out
+
+
+def _objects(d: dict, key: str, where: str, default=REQUIRED) -> list:
+    """d[key]: a list of objects (a Sequence's members, a template, added_tokens), each one checked."""
+    items = config_value(d, key, "list", default, where=where)
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad_value(f"{where}.{key}[{i}]" if where else f"{key}[{i}]", item, "an object", "object")
+    return items
+
+
+def _decoder(d: dict, where: str):
     """A decoder: list of token strings -> list of strings (joined at the end)."""
     t = d["type"]
     if t == "ByteLevel":
@@ -418,7 +520,7 @@ def _decoder(d: dict):
             bytes(map(_FROM_BYTE_CHARS.__getitem__, tok)) if all(c in _FROM_BYTE_CHARS for c in tok)
             else tok.encode("utf-8") for tok in tokens).decode("utf-8", "replace")]
     if t == "WordPiece":
-        prefix, cleanup = d.get("prefix", "##"), d.get("cleanup", True)
+        prefix, cleanup = config_value(d, "prefix", "name", "##", where=where), _flag(d, where, "cleanup", True)
         fixes = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
                  (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")] if cleanup else []
 
@@ -432,23 +534,30 @@ def _decoder(d: dict):
             return out
         return wordpiece
     if t == "Metaspace":
-        rep = d.get("replacement", "\u2581")
-        first = (d.get("prepend_scheme") or ("always" if d.get("add_prefix_space", True) else "never")) != "never"
+        rep = config_value(d, "replacement", "char", "\u2581", where=where)
+        first = _prepend_scheme(d, where) != "never"
         return lambda tokens: [tok.replace(rep, "" if i == 0 and first else " ") for i, tok in enumerate(tokens)]
     if t == "Replace":
-        rx, content = _pattern(d["pattern"]), d["content"]
+        rx, content = _pattern(d, where), config_value(d, "content", "name", where=where)
         return lambda tokens: [rx(tok).sub(lambda m: content, tok) for tok in tokens]
     if t == "ByteFallback":
         return _byte_fallback
     if t == "Fuse":
         return lambda tokens: ["".join(tokens)]
     if t == "Strip":
-        c, start, stop = d["content"], d.get("start", 0), d.get("stop", 0)
+        c = config_value(d, "content", "char", where=where)
+        start, stop = (config_value(d, key, "count", 0, where=where) for key in ("start", "stop"))
         return lambda tokens: [_strip(tok, c, start, stop) for tok in tokens]
-    if t == "BPEDecoder":
-        suffix = d.get("suffix", "</w>")
-        return lambda tokens: [tok.replace(suffix, "" if i == len(tokens) - 1 else " ") for i, tok in enumerate(tokens)]
-    return None
+    suffix = config_value(d, "suffix", "name", "</w>", where=where)  # BPEDecoder
+    return lambda tokens: [tok.replace(suffix, "" if i == len(tokens) - 1 else " ") for i, tok in enumerate(tokens)]
+
+
+# tokenizer.json key -> (its builder, the key of a Sequence's members, the types the builder knows)
+_COMPONENTS = {"normalizer": (_normalizer, "normalizers", NORMALIZERS),
+               "pre_tokenizer": (_pre_tokenizer, "pretokenizers", PRE_TOKENIZERS),
+               "post_processor": (_post_processor, "processors", POST_PROCESSORS),
+               "decoder": (_decoder, "decoders", DECODERS)}
+MAX_SEQUENCE_DEPTH = 8  # real files nest one Sequence at most; a deep chain would exhaust the stack when applied
 
 
 def _byte_fallback(tokens):
@@ -491,6 +600,33 @@ def _truncate_longest_first(a: list, b: Optional[list], limit: int):
 
 
 # --- the tokenizer -------------------------------------------------------------------------------
+MODELS = {"BPE": _BPE, "WordPiece": _WordPiece, "WordLevel": _WordLevel}
+
+
+def _model(m: dict):
+    """The model of a tokenizer.json; one without a type is told apart by its fields, as tokenizers does."""
+    kind = config_value(m, "type", "name", None, where="model", choices=tuple(MODELS))
+    if kind is None:
+        kind = ("BPE" if "merges" in m else "WordPiece" if "max_input_chars_per_word" in m
+                else "Unigram" if isinstance(m.get("vocab"), list) else "WordLevel")
+        if kind not in MODELS:
+            raise ValueError(f"model has no type and looks like {kind}; only {', '.join(MODELS)} are supported")
+    return MODELS[kind](m)
+
+
+def _special_token_roles(data: dict) -> dict:
+    """role -> token text, from tokenizer_config.json or special_tokens_map.json: each "<role>_token" is a string or
+    an object with a "content" string. null names no token; true/false are flags (add_bos_token), not roles."""
+    roles = {}
+    for key, val in data.items():
+        if not key.endswith("_token") or val is None or isinstance(val, bool):
+            continue
+        if not isinstance(val, (str, dict)):
+            raise bad_value(key, val, 'a token: a string, or an object with a "content" string')
+        roles[key[:-6]] = val if isinstance(val, str) else config_value(val, "content", "name", where=key)
+    return roles
+
+
 @dataclass
 class Encoding:
     ids: list = field(default_factory=list)
@@ -504,62 +640,78 @@ class Tokenizer:
     """Encodes and decodes exactly like `tokenizers.Tokenizer` for the components it supports."""
 
     def __init__(self, spec: dict):
-        m = spec["model"]
-        kind = m.get("type") or ("BPE" if "merges" in m else "WordPiece" if "max_input_chars_per_word" in m
-                                 else "Unigram" if isinstance(m.get("vocab"), list) else "WordLevel")
-        model = {"BPE": _BPE, "WordPiece": _WordPiece, "WordLevel": _WordLevel}.get(kind)
-        self._model = model(m) if model else self._unsupported("model", kind)
-        self._normalize = self._build(spec.get("normalizer"), "normalizer", _normalizer, "normalizers")
-        self._pretok = self._build(spec.get("pre_tokenizer"), "pre-tokenizer", _pre_tokenizer, "pretokenizers")
-        self._post = self._build(spec.get("post_processor"), "post-processor", _post_processor, "processors") or []
-        self._decode = self._build(spec.get("decoder"), "decoder", _decoder, "decoders")
-        self._added, self._special, raw, normalized = {}, set(), {}, {}
+        """spec: the object of a tokenizer.json; every part of it is checked (ValueError naming its JSON path)."""
+        self._model = _model(config_value(spec, "model", "object"))
+        self._normalize, self._pretok, self._post, self._decode = (  # _COMPONENTS lists them in this order
+            self._build(config_value(spec, key, "object", None), key, key) for key in _COMPONENTS)
+        self._post = self._post or []
         self._id_to_token = {i: t for t, i in self._model.vocab.items()}
+        self._add_tokens(_objects(spec, "added_tokens", "", []))
+        for where, tid in (check for proc in self._post for check in proc.ids):
+            if type(tid) is not int or tid not in self._id_to_token:
+                raise bad_value(where, tid, "the id of a token in model.vocab or added_tokens")
+        self.vocab_size = max(self._id_to_token, default=-1) + 1  # embedding rows needed
+        self.special_tokens = {}  # role ("bos", "eos", "pad", "unk", ...) -> token text; see from_pretrained
+        pad = config_value(config_value(spec, "padding", "object", {}), "pad_token", "name", None, where="padding")
+        self.pad_id = None if pad is None else self.token_to_id(pad)
+        if pad is not None and self.pad_id is None:
+            raise ValueError(f"padding.pad_token is {shown(pad)}, which is in neither model.vocab nor added_tokens")
+        self.bos_id = self.eos_id = None
+
+    def _add_tokens(self, entries: list):
+        self._added, self._special, raw, normalized = {}, set(), {}, {}
         vocab = self._model.vocab
-        for t in spec.get("added_tokens") or []:
-            content = t["content"]
+        for i, t in enumerate(entries):
+            where = f"added_tokens[{i}]"
+            config_value(t, "id", "count", where=where)  # checked, though tokenizers ignores it (below)
+            content = config_value(t, "content", "name", where=where)
             # tokenizers ignores the stored id: a known token keeps its id, a new one takes the next free id
             tid = self._added.get(content, vocab.get(content))
             if tid is None:
                 top = max(self._added.values(), default=None)
                 tid = len(vocab) if top is None or top < len(vocab) and vocab else top + 1
             self._added[content] = tid
-            if t.get("special"):
+            special = _flag(t, where, "special", False)
+            if special:
                 self._special.add(content)
-            info = (tid, t.get("single_word", False), t.get("lstrip", False), t.get("rstrip", False))
-            if t.get("normalized", not t.get("special")):  # looked for in normalized text, normalized itself
+            info = (tid, *(_flag(t, where, key, False) for key in ("single_word", "lstrip", "rstrip")))
+            if _flag(t, where, "normalized", not special):  # looked for in normalized text, normalized itself
                 content = self._normalize(content) if self._normalize else content
                 normalized[content] = info
             else:
                 raw[content] = info
             self._id_to_token[tid] = content  # tokenizers decodes a normalized token to its normalized form
         self._raw_added, self._norm_added = self._matcher(raw), self._matcher(normalized)
-        self.vocab_size = max(self._id_to_token, default=-1) + 1  # embedding rows needed
-        self.special_tokens = {}  # role ("bos", "eos", "pad", "unk", ...) -> token text; see from_pretrained
-        self.pad_id = self.token_to_id((spec.get("padding") or {}).get("pad_token"))
-        self.bos_id = self.eos_id = None
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
         data = read_json(path, "tokenizer.json")
         try:
             return cls(data)
-        except ValueError as e:  # name the file in errors about its contents
-            raise ValueError(f"{e} in {path}") from None
+        except ValueError as e:  # name the file in errors about its contents, as the config loaders do
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, folder) -> "Tokenizer":
         """tokenizer.json, plus the special-token roles from tokenizer_config.json / special_tokens_map.json."""
         folder = Path(folder)
-        tok = cls.from_file(folder / "tokenizer.json")
+        tok, named_in = cls.from_file(folder / "tokenizer.json"), {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in transformers
             path = folder / name
-            for key, val in (read_json(path, name) if path.is_file() else {}).items():
-                if key.endswith("_token") and val and isinstance(val, (str, dict)):
-                    tok.special_tokens[key[:-6]] = val["content"] if isinstance(val, dict) else val
+            data = read_json(path, name) if path.is_file() else {}
+            try:
+                roles = _special_token_roles(data)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+            tok.special_tokens.update(roles)
+            named_in.update(dict.fromkeys(roles, path))
         for role in ("pad", "bos", "eos"):
             if role in tok.special_tokens:
-                setattr(tok, f"{role}_id", tok.token_to_id(tok.special_tokens[role]))
+                token = tok.special_tokens[role]
+                if tok.token_to_id(token) is None:
+                    raise ValueError(f"{named_in[role]}: {role}_token is {shown(token)}, which is not a token of "
+                                     f"{folder / 'tokenizer.json'}")
+                setattr(tok, f"{role}_id", tok.token_to_id(token))
         return tok
 
     def token_to_id(self, token: str) -> Optional[int]:
@@ -568,19 +720,21 @@ class Tokenizer:
     def id_to_token(self, i: int) -> Optional[str]:
         return self._id_to_token.get(i)
 
-    def _unsupported(self, kind, name):
-        raise ValueError(f"unsupported {kind} type {name!r}")
-
-    def _build(self, d, kind, make, seq_key):
+    def _build(self, d, where, component, depth=0):
+        """The pipeline component (see _COMPONENTS) whose object d sits at `where`; None if d is None. A Sequence
+        applies its members in order."""
         if d is None:
             return None
-        if d.get("type") == "Sequence":
-            parts = [self._build(x, kind, make, seq_key) for x in d[seq_key]]
-            if kind == "post-processor":
-                return [p for ps in parts for p in ps]
-            return lambda x: functools.reduce(lambda acc, f: f(acc), parts, x)
-        built = make(d)
-        return self._unsupported(kind, d.get("type")) if built is None else built
+        make, seq_key, types = _COMPONENTS[component]
+        if config_value(d, "type", "name", where=where, choices=(*types, "Sequence")) != "Sequence":
+            return make(d, where)
+        if depth == MAX_SEQUENCE_DEPTH:
+            raise ValueError(f"{where}: Sequences nested more than {MAX_SEQUENCE_DEPTH} deep")
+        parts = [self._build(x, f"{where}.{seq_key}[{i}]", component, depth + 1)
+                 for i, x in enumerate(_objects(d, seq_key, where))]
+        if component == "post_processor":
+            return [p for ps in parts for p in ps]
+        return lambda x: functools.reduce(lambda acc, f: f(acc), parts, x)
 
     @staticmethod
     def _matcher(tokens: dict):
@@ -642,6 +796,7 @@ class Tokenizer:
         tokens = [t for t in map(self._id_to_token.get, ids)
                   if t is not None and not (skip_special_tokens and t in self._special)]
         return "".join(self._decode(tokens)) if self._decode else " ".join(tokens)
+
 
 def pad(rows, value, left=False) -> torch.Tensor:
     """Token lists (ids, type ids, labels, or ones for a mask) -> one (B, longest) tensor filled with `value`.

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from recipes.glue_data import TASKS, reported
-from recipes.training import UserError
+from recipes.training import UserError, bad_field, choice, number, record, text, whole
 
 # Dev results of Table 1 (Uni-LoRA, all-positive P, mean of 5 seeds, d = 23,040).
 PAPER = {"roberta-base": {"sst2": 94.5, "mrpc": 89.7, "cola": 64.6, "qnli": 92.3, "rte": 79.8, "stsb": 90.9,
@@ -57,6 +57,14 @@ METHOD_NAMES = {"unilora": "Uni-LoRA", "lora": "LoRA", "head": "head only"}
 # step, P theta_d forward + backward per forward pass, the bytes P is stored in, the peak resident memory.
 COST_COLUMNS = (("s/step", "seconds_per_step_median"), ("P ms", "projection_ms"), ("P bytes", "projection_bytes"),
                 ("peak RSS MB", "peak_rss_mb"))
+# What the table reads from a GLUE run's results.json, each value checked (recipes/training.py): a damaged file is
+# one line that names it. A results.json is a GLUE run's when it has "best" and its config a GLUE task.
+IS_GLUE_RUN = record({"task": choice(tuple(TASKS))})
+EPOCH = record({"epoch": whole(), "dev": record({})})
+RESULTS = {"config": record({"model": text(), "method": choice(tuple(METHOD_NAMES))}),
+           "from_recipe": lambda v: isinstance(v, list) and all(type(k) is str for k in v),
+           "trainable": record({"d": whole(0)}), "best": EPOCH, "last": EPOCH,
+           **{key: number(0, null=True) for _, key in COST_COLUMNS}}
 
 
 def make_table(paths, report="best"):
@@ -119,15 +127,28 @@ def collect_runs(paths):
                 raise UserError(f"--table: {file} is not a readable results.json ({e})") from None
             # a GLUE training run: eval-N/ holds scores only, and other scripts' runs have other tasks
             if not isinstance(results, dict) or "best" not in results or results.get("kind") == "eval" \
-                    or results.get("config", {}).get("task") not in TASKS:
+                    or not IS_GLUE_RUN(results.get("config")):
                 continue
             if not {"from_recipe", "trainable", "last"} <= results.keys():
                 raise UserError(f"--table: {file} was written by an older train_glue.py; run it again with "
                                 f"this version (or leave its folder out)")
+            problem = bad_field(results, RESULTS) or bad_metric(results)
+            if problem:
+                raise UserError(f"--table: {file} {problem}; it is not a results.json as train_glue.py writes "
+                                f"it: leave its folder out")
             runs.append(results)
     if not runs:
         raise UserError(f"--table: no training run (results.json) under {', '.join(map(str, paths))}")
     return runs
+
+
+def bad_metric(results) -> str | None:
+    """The task's reported metrics at the best and the last epoch, which the table averages, must be numbers."""
+    for which in REPORTS:
+        problem = bad_field(results[which]["dev"], {key: number() for key in reported(results["config"]["task"])})
+        if problem:
+            return f"has at its {which} epoch{problem.removeprefix('has')}"  # "... no 'accuracy'", "... an invalid"
+    return None
 
 
 def cell(runs, task, report):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pretrained.files import parse_json
 from pretrained.hub import download, hub_endpoint, hub_token
 from recipes.math_scoring import gsm8k_reference, last_boxed
 from recipes.training import UserError
@@ -69,9 +70,11 @@ def read_records(path):
         raise UserError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x}); convert the file to UTF-8") from None
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = parse_json(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file or re-download it") from e
+        except ValueError as e:  # nested too deeply, or a lone surrogate: parse_json's own refusals
+            raise UserError(f"{path}: not valid JSON ({e}); fix the file or re-download it") from None
         records = [(f"{path} item {i}", item) for i, item in enumerate(items)]
     else:
         records = []
@@ -79,9 +82,11 @@ def read_records(path):
             if not line.strip():
                 continue
             try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
+                records.append((f"{path}:{lineno}", parse_json(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from e
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e}); fix or delete that line") from None
     for where, rec in records:
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected a JSON object with question and answer fields, got "
@@ -301,6 +306,8 @@ def load_predictions(args):
     lines with `completion` and `reference` (GSM8K: '... #### n' or a number; MATH: a solution with \\boxed{} or
     the bare answer). Lines without a reference take the reference of the problem at the same position in
     --eval_data (gsm8k, math or a file)."""
+    if not Path(args.score).is_file():
+        raise UserError(f"--score {args.score}: no such file; pass a predictions.jsonl or a JSONL of completions")
     records = read_records(args.score)
     for where, rec in records:
         if not isinstance(rec.get("completion"), str):

@@ -2,15 +2,20 @@
 its copies under torchrun.
 
 Why it exists: train_glue.py and train_math.py are two experiments over one training procedure. Everything here
-behaves the same in both (a user error is one line, a run folder is never another run's, an optimiser step sums the
-copies' gradients before it checks, clips and steps), so each script reads as the steps of its own experiment.
+behaves the same in both (a user error is one line, a run folder is never another run's nor two runs' at once, an
+optimiser step sums the copies' gradients before it checks, clips and steps), so each script reads as the steps of
+its own experiment.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +50,25 @@ def is_main_copy() -> bool:
 @contextlib.contextmanager
 def errors_as_exit():
     """A UserError or NonFiniteLoss in the block ends the process: "error: ..." (status 1) from the first copy; the
-    other copies meet the same error (or main_first told them) and leave with status 1 without a word."""
+    other copies meet the same error (or main_first told them) and leave with status 1 without a word. Ctrl-C or
+    SIGTERM (KeyboardInterrupt) ends it with one line too, the interrupt's own message or the default, status 130."""
     try:
         yield
     except (UserError, NonFiniteLoss) as e:
         raise SystemExit(f"error: {e}" if is_main_copy() else 1) from None
+    except KeyboardInterrupt as e:
+        if is_main_copy():
+            print(str(e) or "interrupted; the output folder was left as it was before", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupt_on_sigterm():
+    """A job scheduler's time limit sends SIGTERM: leave through the same clean-up as Ctrl-C."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("terminated; the output folder was left as it was before")
 
 
 @contextlib.contextmanager
@@ -65,10 +84,11 @@ def printing_on_main_copy():
 
 class Parser(argparse.ArgumentParser):
     """argparse, with every copy under torchrun checking the flags alike (status 2 on an error) and only the first
-    one saying why. short_errors: the message alone, "error: ... (see --help)", instead of usage line + message."""
+    one saying why. short_errors: the message alone, "error: ... (see --help)", instead of usage line + message.
+    A flag must be spelled out: an abbreviation (--max_new_token) is an unknown flag, not silently another one."""
 
     def __init__(self, *args, short_errors=False, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         self.short_errors = short_errors
 
     def error(self, message):
@@ -82,31 +102,36 @@ class Parser(argparse.ArgumentParser):
 # -------------------------------------------------------------------------------------------------- command line
 # Number types for argparse: a bad value is refused with the flag's name before anything is read or written.
 
-def _number(kind, low, low_ok, what):
+def _number(kind, low, low_ok, what, high=math.inf):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        if kind is float and not math.isfinite(value) or value < low or (value == low and not low_ok) or value > high:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
     parse.__name__ = what  # argparse names the type in its message
     return parse
 
 
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds (np.random.seed) end here
+MAX_THREADS = 1024  # far above any machine's cores; OpenMP aborts the process on absurd counts
+
 positive_int = _number(int, 1, True, "a positive integer")
 nonnegative_int = _number(int, 0, True, "an integer >= 0")
 positive_float = _number(float, 0.0, False, "a finite number > 0")
 nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
+seed_number = _number(int, 0, True, f"a seed from 0 to {MAX_SEED}", high=MAX_SEED)
+thread_count = _number(int, 1, True, f"a number of threads from 1 to {MAX_THREADS}", high=MAX_THREADS)
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")  # what the scripts run on; torch also knows meta, xla, ...
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
 def device_name(text):
-    """--device: "auto" (cuda when present, else cpu) or a torch device name."""
-    try:
-        text == "auto" or torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)") from None
+    """--device: "auto" (cuda when present, else cpu), cpu, cuda, cuda:N or mps."""
+    if not DEVICES.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device these scripts run on ({DEVICE_HELP})")
     return text
 
 
@@ -117,20 +142,31 @@ def fraction(text):
     return value
 
 
+def unused_flag(parser, args, used) -> str | None:
+    """The first flag given a value other than its default whose setting is not among `used`, as "--name", or None:
+    a mode refuses the flags it would otherwise silently ignore."""
+    given = [k for k, v in vars(args).items() if k not in used and v != parser.get_default(k)]
+    return f"--{given[0]}" if given else None
+
+
 # -------------------------------------------------------------------------------------------------- run folders
 # A run writes into a folder of its own, never into a model's or another run's; an evaluation of a saved run goes
-# to a new eval-N/ beside the run's files, which it never replaces.
+# to a new eval-N/ beside the run's files, which it never replaces. One run at a time per folder: each holds an OS
+# lock on FOLDER.lock, beside the folder, from before it looks at the folder until it ends. A run is built in
+# FOLDER.partial and takes FOLDER's place when it is done; FOLDER.partial and FOLDER.old (the replaced run, for the
+# instant between two renames) carry a marker file, so that a later run knows them for ours and puts right what a
+# run killed on the way left, and never touches a folder of the same name that is not ours.
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json")
 RUN_FILES = ("results.json", "run.json", "adapter.pt", "checkpoint.pt", "predictions.jsonl", "summary.json")
+PARTIAL, OLD = ".unilora-partial", ".unilora-old"  # the markers of FOLDER.partial and FOLDER.old
+LOCK_BYTE = 64  # Windows locks a byte range, which others cannot read: one past the pid
 
 
-def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
-    """Make `folder` the place a run writes into, refusing any folder whose contents it could destroy.
-
-    A model folder is always refused (its config.json and weights are never replaced); a folder holding a run
-    is refused unless overwrite; so is a non-empty folder of anything else. Nothing is created on refusal.
-    """
+def check_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
+    """Refuse `folder` as the place a run writes into if the run could destroy its contents: a model folder
+    always (its config.json and weights are never replaced); a folder holding a run unless overwrite; a non-empty
+    folder of anything else. Creates nothing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SystemExit(f"{flag} {folder} is a file, not a folder.")
@@ -141,6 +177,12 @@ def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
         raise SystemExit(f"{flag} {folder} already holds a run; pass --overwrite to replace it, or pick another {flag}.")
     if present and not present & set(RUN_FILES):
         raise SystemExit(f"{flag} {folder} is not empty and holds no run of ours; pick an empty or new folder.")
+    return folder
+
+
+def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
+    """check_output_dir, then the folder is made."""
+    folder = check_output_dir(folder, overwrite=overwrite, flag=flag)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -155,69 +197,304 @@ def new_eval_dir(run_dir) -> Path:
 
 
 def eval_output_dir(output_dir, load, refusal: str) -> Path:
-    """Where --eval_only --load writes: --output_dir, else a new eval-N/ in the run. Never the run itself or a folder
-    holding it (--overwrite would replace the run): a UserError, `refusal` filled with {folder} and {default}."""
-    load = Path(load)
-    folder = Path(output_dir) if output_dir else new_eval_dir(load)
-    if folder.resolve() in (load.resolve(), *load.resolve().parents):
+    """Where --eval_only --load writes: --output_dir, else a new eval-N/ in the run. Never the run itself, a folder
+    holding it (--overwrite would replace the run) or one inside it (R/best: the run's own files): a UserError,
+    `refusal` filled with {folder} and {default}."""
+    if not output_dir:
+        return new_eval_dir(load)
+    folder, run = Path(output_dir), Path(load).resolve()
+    if folder.resolve() in (run, *run.parents) or run in folder.resolve().parents:
         raise UserError(refusal.format(folder=folder, default=new_eval_dir(load)))
     return folder
 
 
-def read_saved_run(folder, complaint: str, older: str | None = None) -> dict:
-    """The settings a saved run recorded (--eval_only --load): its run.json; runs written before run.json existed,
-    the `older` entry of their results.json. A folder without them is a UserError: "--load FOLDER: " + `complaint`,
-    filled with the {path} it read and the {error}'s name."""
+def sibling(folder, suffix) -> Path:
+    """FOLDER.partial, FOLDER.old, FOLDER.lock: names beside the folder, which survive its replacement."""
     folder = Path(folder)
-    path = folder / "run.json"
-    try:
-        if older and not path.is_file() and (folder / "results.json").is_file():
-            path = folder / "results.json"
-            settings = json.loads(path.read_text()).get(older)
-        else:
-            settings = json.loads(path.read_text())
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path} holds no settings")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"--load {folder}: " + complaint.format(path=path, error=e.__class__.__name__)) from None
-    return settings
-
-
-def _begin_stage(folder, stage, overwrite):
-    """Check the output folder and make an empty stage beside it; returns the folders this created."""
-    created = missing_dirs(folder)
-    prepare_output_dir(folder, overwrite=overwrite)
-    if stage.exists() and not (stage / ".unilora-partial").exists():
-        raise SystemExit(f"{stage} exists and is not ours; move it away or pick another --output_dir.")
-    shutil.rmtree(stage, ignore_errors=True)  # left by a killed run of this script
-    stage.mkdir()
-    (stage / ".unilora-partial").touch()
-    return created
+    if not folder.name:
+        raise UserError(f"--output_dir {folder}: a run needs a folder of its own, not the root of a file system")
+    return folder.with_name(folder.name + suffix)
 
 
 @contextlib.contextmanager
-def staged(folder, overwrite, ranks):
-    """Yield folder.partial to write into; it replaces `folder` when the block succeeds, and vanishes if not, with
-    the folders made for it: a run appears only when complete, and a failure removes exactly what it created.
-    Only the main copy touches the disk; the others get the same path and never write to it."""
+def held(folder, ranks, check=None, flag="--output_dir"):
+    """The block runs with `folder` held by this run: the main copy holds its lock (folder_lock) and, before
+    anything else, puts right what a run killed on the way left beside it (_tidy), then runs check() if given.
+    Yields the folder's absolute path. However the block ends, the folders made for the lock go if empty."""
     folder = Path(folder).absolute()
-    stage = folder.with_name(folder.name + ".partial")
-    created = main_first(ranks, _begin_stage, folder, stage, overwrite, share=True)
-    if not ranks.main:
-        yield stage
-        return
+    created = missing_dirs(folder) if ranks.main else []
     try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.ExitStack() as lock:
+            main_first(ranks, _hold, folder, lock, check, flag, share=True)
+            yield folder
+    finally:
         remove_if_empty(created)
+
+
+def _hold(folder, lock, check, flag):
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: its parent folder cannot be made ({e.strerror})") from None
+    lock.enter_context(folder_lock(folder, flag))
+    _tidy(folder)
+    if check:
+        check()
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag="--output_dir"):
+    """Hold FOLDER.lock for the block: an advisory lock of the OS (flock; msvcrt on Windows) on a file beside the
+    folder, holding the holder's pid. A second run on the folder stops at once, naming that pid. The OS lets go of
+    a lock when its process dies, however it dies: a dead run's lock file is simply taken over."""
+    path = sibling(folder, ".lock")
+    fd = _take_lock(path, folder, flag)
+    try:
+        yield
+    finally:
+        _drop_lock(fd, path)
+
+
+def _take_lock(path, folder, flag):
+    """Open and lock `path`, and write our pid into it; returns its descriptor. Held by another run: UserError."""
+    while True:
+        fd = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            locked = _os_lock(fd)
+        except OSError as e:  # a folder or a link of that name, a file system without locks
+            if fd is not None:
+                os.close(fd)
+            raise UserError(f"{path} cannot be used as a lock file ({e.strerror}); move it away or pick another "
+                            f"{flag}") from None
+        if not locked:
+            pid = _lock_text(fd).strip()
+            os.close(fd)
+            raise UserError(f"{flag} {folder} is in use by another run (pid {pid if pid.isdigit() else 'unknown'}); "
+                            f"wait for it to end, or pick another {flag}")
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: lock the one there now
+    if not re.fullmatch(r"[0-9]{0,20}\n?", _lock_text(fd)):
+        os.close(fd)
+        raise UserError(f"{path} is not a lock file of ours; move it away or pick another {flag}")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _os_lock(fd) -> bool:
+    """Lock without waiting: False when another process holds the lock."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+            return False
         raise
-    (stage / ".unilora-partial").unlink()
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
+    return True
+
+
+def _lock_text(fd) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 32).decode("latin-1")
+
+
+def _same_file(fd, path) -> bool:
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _drop_lock(fd, path):
+    """The lock file goes with the lock. POSIX: removed while still locked, so that no one locks a file on its way
+    out; Windows removes no open file, so there it is closed first and left to whoever opened it since."""
+    if os.name != "nt":
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        return
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _tidy(folder):
+    """What a run killed on the way left beside `folder` (with the lock held, that run is dead): a marked
+    FOLDER.old is the run that place() was replacing; it goes back in place when FOLDER is missing (killed between
+    the two renames), else away (killed after them). A marked FOLDER.partial goes away; so do stray markers."""
+    stage, old = sibling(folder, ".partial"), sibling(folder, ".old")
+    if _marked(old, OLD):
+        if folder.exists():
+            shutil.rmtree(old)
+        else:
+            (old / OLD).unlink()
+            os.replace(old, folder)
+            print(f"note: put {folder} back from {old}, where a run killed while replacing it had left it")
+    if _marked(stage, PARTIAL):
+        shutil.rmtree(stage)
+        print(f"note: removed {stage}, left by a run that was killed")
+    for marker in (folder / PARTIAL, folder / OLD):
+        if marker.is_file():
+            marker.unlink()
+
+
+def _marked(folder, marker) -> bool:
+    """Whether `folder` is one of ours: a folder (not a link to one) holding our marker."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / marker).is_file()
+
+
+def _begin_stage(folder, stage, overwrite):
+    """Check the output folder and make an empty, marked stage beside it."""
+    check_output_dir(folder, overwrite=overwrite)
+    if folder.is_symlink():  # replacing it would replace the link, and leave the run it points to
+        raise UserError(f"--output_dir {folder} is a symbolic link; pass the folder it points to, {folder.resolve()}")
+    old = sibling(folder, ".old")
+    if folder.exists() and (old.exists() or old.is_symlink()):  # place() moves the replaced run there
+        raise UserError(f"{old} is in the way (the replaced run moves there for a moment); move it away")
+    if stage.exists() or stage.is_symlink():
+        _clear_unmarked_stage(stage, overwrite)
+    stage.mkdir()
+    (stage / PARTIAL).touch()
+
+
+def _clear_unmarked_stage(stage, overwrite):
+    """A FOLDER.partial without our marker: empty (a run killed before it marked it), it goes; holding a run's files
+    (an earlier version's leftover), it goes with --overwrite; anything else is not ours and is never removed."""
+    present = set(os.listdir(stage)) if stage.is_dir() and not stage.is_symlink() else None
+    if present == set():
+        stage.rmdir()
+    elif present and present & set(RUN_FILES) and overwrite:
+        shutil.rmtree(stage)
+    elif present and present & set(RUN_FILES):
+        raise UserError(f"{stage} holds a run's files but no marker of an unfinished run; pass --overwrite to "
+                        f"remove it, or move it away")
+    else:
+        raise UserError(f"{stage} exists and is not ours; move it away or pick another --output_dir")
+
+
+@contextlib.contextmanager
+def staged(folder, overwrite, ranks, check=None):
+    """Yield folder.partial to write into; it replaces `folder` when the block succeeds (or earlier, by place()),
+    and vanishes if not, with the folders made for it: a run appears only when complete, and a failure removes
+    exactly what it created. The folder is held (held(); check() runs there first) for the whole block. Only the
+    main copy touches the disk; the others get the same path and never write to it."""
+    folder = Path(folder).absolute()
+    stage = sibling(folder, ".partial")
+
+    def begin():
+        if check:
+            check()
+        _begin_stage(folder, stage, overwrite)
+    with held(folder, ranks, begin):
+        if not ranks.main:
+            yield stage
+            return
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        place(stage)
+
+
+def place(stage) -> Path:
+    """Move a stage into its folder's place now (train_math: at a run's first checkpoint, so that a run killed later
+    can be resumed); staged() then leaves it there however its block ends. Returns the folder; a stage placed
+    already, or a folder, is left as it is. The run it replaces waits in FOLDER.old, marked, for the time of the
+    two renames: a process killed between them leaves FOLDER.old, which the next run on the folder puts back."""
+    stage = Path(stage)
+    folder = stage.with_name(stage.name.removesuffix(".partial"))
+    if folder == stage or not _marked(stage, PARTIAL):
+        return folder
+    old = sibling(folder, ".old")
+    if folder.exists():
+        (folder / OLD).touch()
+        os.replace(folder, old)
     os.replace(stage, folder)
-    shutil.rmtree(old)
+    (folder / PARTIAL).unlink()
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# -------------------------------------------------------------------------------------------------- saved runs
+# What a run.json or results.json holds is checked before anything uses it: a damaged file, or another script's,
+# is one line that names the file and the value, never a traceback halfway through. A check: value -> bool.
+
+def whole(low=1, null=False, high=math.inf):
+    """An integer from low to high (a bool is not one), or (null) None / missing."""
+    return lambda v: null and v is None or type(v) is int and low <= v <= high
+
+
+def number(low=-math.inf, null=False):
+    """A finite number >= low (a bool is not one), or (null) None / missing."""
+    return lambda v: null and v is None or (type(v) is int or type(v) is float and math.isfinite(v)) and v >= low
+
+
+def real(null=False):
+    """A finite number > 0, or (null) None / missing."""
+    return lambda v: number(null=null)(v) and (v is None or v > 0)
+
+
+def text(null=False):
+    return lambda v: null and v is None or type(v) is str
+
+
+def choice(options, null=False):
+    """One of `options`, of the same type (True is not 1), or (null) None / missing."""
+    return lambda v: null and v is None or any(type(v) is type(o) and v == o for o in options)
+
+
+def record(fields):
+    """A JSON object whose entries pass `fields` (name -> check)."""
+    def check(v):
+        return isinstance(v, dict) and bad_field(v, fields) is None
+    check.fields = fields  # for bad_field, to name the entry inside that fails
+    return check
+
+
+def bad_field(settings: dict, fields: dict) -> str | None:
+    """The first entry of `settings` that fails its check in `fields` (name -> check; a missing one is None), in
+    words ("has no 'task'", "has an invalid 'best': 5", "has in 'config' an invalid 'method': None"), or None when
+    every one passes."""
+    for name, ok in fields.items():
+        value = settings.get(name)
+        if ok(value):
+            continue
+        if name not in settings:
+            return f"has no {name!r}"
+        if hasattr(ok, "fields") and isinstance(value, dict):
+            return f"has in {name!r}{bad_field(value, ok.fields).removeprefix('has')}"
+        return f"has an invalid {name!r}: {repr(value)[:60]}"
+    return None
+
+
+def read_saved_run(folder, fields: dict, hint: str, older: str | None = None) -> dict:
+    """The settings a saved run recorded (--eval_only --load): its run.json; runs written before run.json existed,
+    the `older` entry of their results.json. Each of `fields` (name -> check) is checked. A folder without them, or
+    with a value that fails, is a UserError: "--load FOLDER: " + what is wrong + "; " + hint."""
+    folder = Path(folder)
+    path = folder / "run.json"
+    if older and not path.is_file() and (folder / "results.json").is_file():
+        path = folder / "results.json"
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"--load {folder}: {path} is not readable ({e.__class__.__name__}); {hint}") from None
+    if path.name == "results.json":
+        settings = settings.get(older) if isinstance(settings, dict) else None
+    problem = bad_field(settings, fields) if isinstance(settings, dict) else "holds no settings (a JSON object)"
+    if problem:
+        raise UserError(f"--load {folder}: {path} {problem}; {hint}")
+    return settings
 
 
 # -------------------------------------------------------------------------------------------------- optimiser step
@@ -291,17 +568,21 @@ class Ranks:
 
 
 def start_data_parallel(device: str | None = "auto") -> Ranks:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA, one GPU per copy). device: a
-    torch device name, or "auto"/None: cuda when present, else cpu. Not a device name, or a CUDA device on a
-    machine without one: UserError."""
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA, one GPU per copy). device: cpu,
+    cuda, cuda:N, mps, or "auto"/None: cuda when present, else cpu. Any other name (meta), or a device this machine
+    lacks: UserError."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:  # not a device name
-        raise UserError(f"--device {device}: {e}") from None
+    if not DEVICES.fullmatch(device):
+        raise UserError(f"--device {device}: not a device these scripts run on; use {DEVICE_HELP}")
+    kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if kind == "cuda" and ":" in device and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: this machine has no MPS device; use --device cpu")
     if "WORLD_SIZE" not in os.environ:
         return Ranks(device=device)
     import torch.distributed as dist

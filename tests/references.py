@@ -3,9 +3,13 @@ not captured from the code under test: a hand-rolled safetensors writer and pars
 BERT / RoBERTa / Llama-family checkpoints under Hugging Face's names, and float64 forwards with explicit loops.
 (Equality with `transformers` itself is checked outside the project, since it may not be a dependency.)
 """
+import contextlib
 import json
 import math
+import os
+import signal
 import struct
+import time
 
 import numpy as np
 import torch
@@ -297,3 +301,19 @@ def byte_symbols() -> dict:
             out[b] = chr(256 + shifted)
             shifted += 1
     return out
+
+
+# ----------------------------------------------------------------------------- two processes on one folder
+
+@contextlib.contextmanager
+def paused_while_holding(first, lock):
+    """Wait until process `first` holds the run folder (its pid in the lock file), stop it there (SIGSTOP) for the
+    block, and let it go on after: a second run then meets a folder that is certainly in use."""
+    while not lock.is_file() or lock.read_text() != f"{first.pid}\n":
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(first.pid, signal.SIGCONT)

@@ -1,6 +1,8 @@
 """Llama / Qwen2 / Gemma (pretrained/decoder.py) against float64 forwards written here, and greedy decoding with
 the KV cache against decoding by full recomputation."""
 
+import json
+
 import pytest
 import torch
 
@@ -169,3 +171,105 @@ def test_configs_that_attend_otherwise_are_refused_by_their_key(tmp_path, decode
                               "supported")
     plain = decoder.CausalLM.from_pretrained(save_model(tmp_path / "nowindow", dict(q, use_sliding_window=False), qsd))
     torch.testing.assert_close(plain(ids), decoder_reference(qsd, q, ids).float(), atol=2e-5, rtol=0)
+
+
+# --- malformed config.json: one line naming the file, the key, the value and what was expected -------------------
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+               "original_max_position_embeddings": 16}
+DROP = object()  # in a case's changes: remove the key
+BAD_DECODER_CONFIGS = [  # (base config, changes, the message after "<path>: ")
+    ("llama-gqa-untied", {"num_hidden_layers": "6"},
+     'num_hidden_layers is "6" (a string); expected a positive integer'),
+    ("llama-gqa-untied", {"num_hidden_layers": True}, "num_hidden_layers is true (a boolean); expected a positive "
+                                                      "integer"),
+    ("llama-gqa-untied", {"num_hidden_layers": 2.0}, "num_hidden_layers is 2.0; expected a positive integer"),
+    ("llama-gqa-untied", {"hidden_size": 0}, "hidden_size is 0; expected a positive integer"),
+    ("llama-gqa-untied", {"intermediate_size": DROP}, "intermediate_size is missing; expected a positive integer"),
+    ("llama-gqa-untied", {"vocab_size": 2**40}, "vocab_size is 1099511627776; expected a positive integer below "
+                                                "2147483648"),
+    ("llama-gqa-untied", {"num_attention_heads": [4]}, "num_attention_heads is [4] (a list); expected a positive "
+                                                       "integer"),
+    ("llama-gqa-untied", {"num_key_value_heads": "2"}, 'num_key_value_heads is "2" (a string); expected a positive '
+                                                       "integer"),
+    ("llama-gqa-untied", {"model_type": None}, "model_type is null; expected a string"),
+    ("llama-gqa-untied", {"model_type": DROP}, "model_type is missing; expected a string"),
+    ("llama-gqa-untied", {"model_type": ["llama"]}, 'model_type is ["llama"] (a list); expected a string'),
+    ("llama-gqa-untied", {"head_dim": -8}, "head_dim is -8; expected a positive integer"),
+    ("llama-gqa-untied", {"head_dim": 7}, "the head size 7 (head_dim, else hidden_size / num_attention_heads) is odd; "
+                                          "RoPE turns pairs of dimensions"),
+    ("llama-gqa-untied", {"hidden_size": 36, "num_attention_heads": 4, "num_key_value_heads": 4},
+     "the head size 9 (head_dim, else hidden_size / num_attention_heads) is odd; RoPE turns pairs of dimensions"),
+    ("llama-gqa-untied", {"hidden_size": 30}, "hidden_size 30 is not a multiple of num_attention_heads 4"),
+    ("llama-gqa-untied", {"rms_norm_eps": "1e-6"}, 'rms_norm_eps is "1e-6" (a string); expected a positive number'),
+    ("llama-gqa-untied", {"rms_norm_eps": float("nan")}, "rms_norm_eps is NaN; expected a positive number"),
+    ("llama-gqa-untied", {"rms_norm_eps": None}, "rms_norm_eps is null; expected a positive number"),
+    ("llama-gqa-untied", {"rms_norm_eps": DROP}, "rms_norm_eps is missing; expected a positive number"),
+    ("llama-gqa-untied", {"rope_theta": -1}, "rope_theta is -1; expected a positive number"),
+    ("llama-gqa-untied", {"rope_theta": float("inf")}, "rope_theta is Infinity; expected a positive number"),
+    ("llama-gqa-untied", {"rope_scaling": "linear"}, 'rope_scaling is "linear" (a string); expected an object'),
+    ("llama-gqa-untied", {"rope_scaling": {"type": "linear"}}, "rope_scaling.factor is missing; expected a positive "
+                                                               "number"),
+    ("llama-gqa-untied", {"rope_scaling": dict(LLAMA3_ROPE, factor="4")},
+     'rope_scaling.factor is "4" (a string); expected a positive number'),
+    ("llama-gqa-untied", {"rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}},
+     "rope_scaling.low_freq_factor is missing; expected a positive number"),
+    ("llama-gqa-untied", {"rope_scaling": dict(LLAMA3_ROPE, original_max_position_embeddings=16.5)},
+     "rope_scaling.original_max_position_embeddings is 16.5; expected a positive integer"),
+    ("llama-gqa-untied", {"rope_scaling": dict(LLAMA3_ROPE, high_freq_factor=1.0)},
+     "rope_scaling.high_freq_factor is 1.0; expected a number above rope_scaling.low_freq_factor (1.0)"),
+    ("llama-gqa-untied", {"rope_scaling": {"rope_type": 3}}, "rope_scaling.rope_type is 3; expected a string"),
+    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "linear", "factor": 0, "rope_theta": 10000.0}},
+     "rope_parameters.factor is 0; expected a positive number"),
+    ("llama-gqa-untied", {"rope_theta": DROP, "rope_parameters": {"rope_theta": "1e4"}},
+     'rope_parameters.rope_theta is "1e4" (a string); expected a positive number'),
+    ("llama-gqa-untied", {"hidden_act": 1}, "hidden_act is 1; expected a string"),
+    ("llama-gqa-untied", {"tie_word_embeddings": "false"}, 'tie_word_embeddings is "false" (a string); expected true '
+                                                          "or false"),
+    ("llama-gqa-untied", {"attention_bias": 1}, "attention_bias is 1; expected true or false"),
+    ("llama-gqa-untied", {"mlp_bias": "no"}, 'mlp_bias is "no" (a string); expected true or false'),
+    ("llama-gqa-untied", {"eos_token_id": 50}, "eos_token_id is 50; expected a token id from 0 to 49, or a non-empty "
+                                               "list of them"),
+    ("llama-gqa-untied", {"eos_token_id": [1, "2"]}, 'eos_token_id is [1, "2"] (a list); expected a token id from 0 '
+                                                     "to 49, or a non-empty list of them"),
+    ("llama-gqa-untied", {"eos_token_id": []}, "eos_token_id is [] (a list); expected a token id from 0 to 49, or a "
+                                               "non-empty list of them"),
+    ("llama-gqa-untied", {"pad_token_id": -1}, "pad_token_id is -1; expected a token id from 0 to 49"),
+    ("mistral-window-3", {"sliding_window": 0}, "sliding_window is 0; expected a positive integer"),
+    ("mistral-window-3", {"sliding_window": "3"}, 'sliding_window is "3" (a string); expected a positive integer'),
+    ("qwen2-bias-tied", {"use_sliding_window": "no"}, 'use_sliding_window is "no" (a string); expected true or false'),
+    ("gemma-mqa-head-dim", {"use_bidirectional_attention": 0}, "use_bidirectional_attention is 0; expected true or "
+                                                               "false"),
+    ("gemma-mqa-head-dim", {"hidden_activation": ["gelu"]}, 'hidden_activation is ["gelu"] (a list); expected a '
+                                                            "string"),
+]
+
+
+@pytest.mark.parametrize("base,changes,message", BAD_DECODER_CONFIGS)
+def test_malformed_config_is_one_line_naming_file_key_and_value(tmp_path, base, changes, message):
+    config = {k: v for k, v in dict(DECODERS[base], **changes).items() if v is not DROP}
+    tmp_path.joinpath("config.json").write_text(json.dumps(config))  # no weights: the config is refused first
+    with pytest.raises(ValueError) as err:
+        decoder.CausalLM.from_pretrained(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'config.json'}: {message}"
+    with pytest.raises(ValueError) as err:  # built directly, the config is checked just the same
+        decoder.CausalLM(config)
+    assert str(err.value) == message
+
+
+def test_null_optional_keys_and_the_transformers_5_rope_spelling_load_as_before(tmp_path, decoders):
+    """transformers writes null for an optional key it has no value for, and transformers 5 moves rope_theta and
+    rope_scaling into rope_parameters: both load to the same model as the plain config."""
+    c, sd = DECODERS["llama-gqa-untied"], decoders["llama-gqa-untied"][1]
+    nulls = dict(c, head_dim=None, rope_scaling=None, sliding_window=None, pad_token_id=None, attention_bias=None,
+                 mlp_bias=None)
+    v5 = {k: v for k, v in c.items() if k != "rope_theta"}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"]}
+    ids = torch.tensor([[5, 9, 13, 7, 22]])
+    for name, config in (("nulls", nulls), ("v5", v5)):
+        model = decoder.CausalLM.from_pretrained(save_model(tmp_path / name, config, sd))
+        torch.testing.assert_close(model(ids), decoder_reference(sd, c, ids).float(), atol=2e-5, rtol=0)
+    g, gsd = DECODERS["llama-bias-mha-llama3-rope"], decoder_weights(DECODERS["llama-bias-mha-llama3-rope"])
+    v5 = {k: v for k, v in g.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(g["rope_scaling"], rope_theta=g["rope_theta"])
+    model = decoder.CausalLM.from_pretrained(save_model(tmp_path / "llama3-v5", v5, gsd))
+    torch.testing.assert_close(model(ids), decoder_reference(gsd, g, ids).float(), atol=2e-5, rtol=0)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pretrained import decoder, encoder, files, tokenizer
-from references import (BERT, DECODERS, decoder_weights, encoder_weights, parse_by_hand, safetensors_bytes, save_model,
-                        write_by_hand)
+from references import (BERT, DECODERS, ROBERTA, decoder_weights, encoder_weights, parse_by_hand, safetensors_bytes,
+                        save_model, write_by_hand)
 
 torch.set_num_threads(1)
 
@@ -255,8 +255,9 @@ def test_loader_errors_name_the_file_and_the_problem(tmp_path):
                    "utf8": (b'{"model_type": "llama\xff"}', "is not UTF-8 text"),
                    "list": (b"[1, 2]", "holds a JSON list"),
                    "missing": (json.dumps({k: v for k, v in c.items() if k != "hidden_size"}).encode(),
-                               "has no 'hidden_size'"),
-                   "string": (json.dumps(dict(c, num_hidden_layers="2")).encode(), "num_hidden_layers is '2'"),
+                               ": hidden_size is missing; expected a positive integer"),
+                   "string": (json.dumps(dict(c, num_hidden_layers="2")).encode(),
+                              r': num_hidden_layers is "2" \(a string\); expected a positive integer'),
                    "heads": (json.dumps(dict(c, num_key_value_heads=3)).encode(),
                              "num_attention_heads 4 is not a multiple of num_key_value_heads 3")}
     for name, (text, problem) in bad_configs.items():
@@ -288,7 +289,8 @@ def test_loader_errors_name_the_file_and_the_problem(tmp_path):
         files.load_state_dict(folder)  # two shards with the same tensor: which one wins would be an accident
     bert = save_model(tmp_path / "bert", {k: v for k, v in BERT.items() if k != "layer_norm_eps"},
                       encoder_weights(BERT))
-    with pytest.raises(ValueError, match=f"{re.escape(str(bert / 'config.json'))} has no 'layer_norm_eps'"):
+    with pytest.raises(ValueError, match=f"{re.escape(str(bert / 'config.json'))}: layer_norm_eps is missing; "
+                                         "expected a positive number"):
         encoder.Encoder.from_pretrained(bert)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok/tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}}))
@@ -309,3 +311,105 @@ def test_no_python_file_in_the_repo_unpickles_arbitrary_objects():
                  if isinstance(node, ast.keyword) and node.arg == "weights_only"
                  and not (isinstance(node.value, ast.Constant) and node.value.value is True)]
     assert offenders == [], "torch.load(..., weights_only=True) only: a checkpoint must never run code"
+
+
+# --- config.json values: config_value, and malformed configs fuzzed ----------------------------------------------
+@pytest.mark.parametrize("value,kind,message", [
+    ("6", "size", 'k is "6" (a string); expected a positive integer'),
+    (True, "size", "k is true (a boolean); expected a positive integer"),
+    (3.0, "size", "k is 3.0; expected a positive integer"),
+    (2**31, "size", "k is 2147483648; expected a positive integer below 2147483648"),
+    (-1, "count", "k is -1; expected an integer >= 0"),
+    (2**31, "count", "k is 2147483648; expected an integer >= 0 below 2147483648"),
+    (10, "token id", "k is 10; expected a token id from 0 to 9"),
+    ([], "token ids", "k is [] (a list); expected a token id from 0 to 9, or a non-empty list of them"),
+    (-0.0, "positive", "k is -0.0; expected a positive number"),
+    (float("-inf"), "positive", "k is -Infinity; expected a positive number"),
+    (10**400, "positive", f"k is 1{'0' * 56}...; expected a positive number"),  # cut short, and no float
+    (1.01, "probability", "k is 1.01; expected a number from 0 to 1"),
+    (0, "flag", "k is 0; expected true or false"),
+    ({"a": 1}, "name", 'k is {"a": 1} (an object); expected a string'),
+    ("ab", "char", 'k is "ab"; expected a single character'),
+    ([1], "object", "k is [1] (a list); expected an object"),
+    ("x" * 80, "list", f'k is "{"x" * 56}... (a string); expected a list'),
+])
+def test_config_value_names_the_value_and_what_was_expected(value, kind, message):
+    with pytest.raises(ValueError) as err:
+        files.config_value({"k": value}, "k", kind, below=10)
+    assert str(err.value) == message
+
+
+def test_config_value_defaults_paths_and_choices():
+    assert files.config_value({"k": None}, "k", "size", 7) == 7 and files.config_value({}, "k", "size", None) is None
+    assert files.config_value({"k": [0, 9]}, "k", "token ids", below=10) == [0, 9]
+    assert files.config_value({"k": 1e-12}, "k", "positive") == 1e-12 and files.config_value({"k": 3}, "k", "size") == 3
+    for config, message in (({}, "a.b.k is missing; expected one of x, y"), ({"k": None}, "a.b.k is null; expected "
+                            "one of x, y"), ({"k": "z"}, 'a.b.k is "z"; expected one of x, y')):
+        with pytest.raises(ValueError) as err:
+            files.config_value(config, "k", "name", where="a.b", choices=("x", "y"))
+        assert str(err.value) == message
+
+
+def config_variants(seed=0, n=240):
+    """Seeded mutations of the valid test configs: one or two keys set to a hostile value or removed, and fields of
+    rope_scaling changed."""
+    rng = random.Random(seed)
+    pool = [-1, 0, 1, 2, 3, 7, 2.0, 0.5, 1e-6, float("nan"), float("inf"), 2**40, "2", "", None, True, False, [], [1],
+            [1, 2], {}, {"type": "linear"}, {"rope_type": "llama3", "factor": 2.0}, "silu", "gelu", "llama", "roberta"]
+    extra = ["head_dim", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window", "hidden_activation",
+             "tie_word_embeddings", "attention_bias", "mlp_bias", "eos_token_id", "pad_token_id", "type_vocab_size",
+             "position_embedding_type", "use_bidirectional_attention", "rope_theta"]
+    bases = [("decoder", c) for c in DECODERS.values()] + [("encoder", BERT), ("encoder", ROBERTA)]
+    for i in range(n):
+        kind, config = bases[i % len(bases)]
+        config = json.loads(json.dumps(config))
+        for _ in range(rng.randint(1, 2)):
+            key = rng.choice(sorted(config) + extra)
+            if isinstance(config.get(key), dict) and config[key] and rng.random() < 0.7:  # a field inside
+                config[key][rng.choice(sorted(config[key]))] = rng.choice(pool)
+            elif rng.random() < 0.15:
+                config.pop(key, None)
+            else:
+                config[key] = rng.choice(pool)
+        yield kind, config
+
+
+def test_config_fuzz_only_one_line_value_errors_and_accepted_configs_run(tmp_path):
+    outcomes = {"loaded": 0, "refused": 0}
+    path = tmp_path / "config.json"
+    for i, (kind, config) in enumerate(config_variants()):
+        path.write_text(json.dumps(config))
+        cls = decoder.CausalLM if kind == "decoder" else encoder.Encoder
+        try:
+            cls.from_pretrained(tmp_path)  # no weights here: a config that passes ends in FileNotFoundError
+        except ValueError as e:
+            outcomes["refused"] += 1
+            assert str(e).startswith(f"{path}: ") and "\n" not in str(e), f"variant {i}: {e}"
+            continue
+        except FileNotFoundError as e:
+            assert "no weights" in str(e), f"variant {i}: {e}"
+        outcomes["loaded"] += 1
+        model = cls(config).eval()  # what passed must also run: built for real, it is small (sizes up to 7 or so)
+        with torch.no_grad():
+            model(torch.tensor([[0, 0]]) if kind == "decoder" else torch.tensor([[0]]))
+            if kind == "decoder":
+                model.generate(torch.tensor([[0]]), max_new_tokens=2)
+    assert outcomes["refused"] > 80 and outcomes["loaded"] > 40, outcomes  # both paths were really exercised
+
+
+# --- JSON files Python reads but cannot write back, or cannot read at all ---------------------------------------
+def test_lone_surrogates_and_deep_nesting_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    for text, problem in (('{"model": {"vocab": {"\\ud800": 0}}}', "a string holds a lone surrogate escape "
+                                                                    "(\\ud800-\\udfff), which no UTF-8 text can hold"),
+                          ('{"a": ["x\\udfff"]}', "a string holds a lone surrogate escape (\\ud800-\\udfff), which no "
+                                                  "UTF-8 text can hold"),
+                          ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "arrays or objects nested too deeply to "
+                                                                           "read")):
+        path.write_text(text)
+        with pytest.raises(ValueError) as err:
+            files.read_json(path, "tokenizer.json")
+        assert str(err.value) == f"{path} is not valid JSON ({problem}); restore the tokenizer.json from its source"
+    # a surrogate pair is one character, and an escaped backslash before "ud800" is plain text: both load
+    path.write_text('{"pair": "\\ud83d\\ude00", "text": "\\\\ud800"}')
+    assert files.read_json(path) == {"pair": "\U0001F600", "text": "\\ud800"}

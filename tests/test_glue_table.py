@@ -139,3 +139,34 @@ def test_table_reports_the_last_epoch_when_asked(tmp_path, capsys):
     # SST-2: 94 and 96; avg: (95 + 90 + 60 + 92 + 80 + 91) / 6 = 84.666...
     assert lines[4] == ("| roberta-base | Uni-LoRA | 0.023M | 95.0 ± 1.4 (2) | 90.0 (1) | 60.0 (1) | 92.0 (1) | "
                         "80.0 (1) | 91.0 (1) | 87.0 / 88.0 (1) | 84.7 |")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda r: r.update(best=5), "has an invalid 'best': 5"),
+    (lambda r: r.update(last={"epoch": "3", "dev": {}}), "has in 'last' an invalid 'epoch': '3'"),
+    (lambda r: r["config"].update(method=None), "has in 'config' an invalid 'method': None"),
+    (lambda r: r.update(trainable=[]), "has an invalid 'trainable': []"),
+    (lambda r: r["trainable"].pop("d"), "has in 'trainable' no 'd'"),
+    (lambda r: r.update(from_recipe="lr"), "has an invalid 'from_recipe': 'lr'"),
+    (lambda r: r.update(seconds_per_step_median="fast"), "has an invalid 'seconds_per_step_median': 'fast'"),
+    (lambda r: r["last"]["dev"].pop("accuracy"), "has at its last epoch no 'accuracy'"),
+    (lambda r: r["best"]["dev"].update(accuracy=None), "has at its best epoch an invalid 'accuracy': None"),
+])
+def test_table_refuses_a_damaged_results_json_in_one_line(tmp_path, capsys, damage, problem):
+    write_results(tmp_path / "good", fake_run("sst2", 1, 0.9))
+    run = fake_run("sst2", 2, 0.8, last=(5, 0.7))
+    damage(run)
+    write_results(tmp_path / "bad", run)
+    with pytest.raises(SystemExit) as end:
+        tg.main(["--table", str(tmp_path)])
+    assert end.value.code == (f"error: --table: {tmp_path / 'bad' / 'results.json'} {problem}; it is not a "
+                              f"results.json as train_glue.py writes it: leave its folder out")
+
+
+def test_table_leaves_out_what_is_no_glue_run(tmp_path, capsys):
+    write_results(tmp_path / "good", fake_run("sst2", 1, 0.9))
+    for name, results in {"list": [], "config-list": {"best": {}, "config": []},
+                          "task-list": {"best": {}, "config": {"task": ["sst2"]}}}.items():
+        write_results(tmp_path / name, results)
+    tg.main(["--table", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[4] == "| FacebookAI/roberta-base | Uni-LoRA | 0.023M | 90.0 (1) |"

@@ -1,13 +1,20 @@
 """The hub client (pretrained/hub.py) against a fake hub on 127.0.0.1, written from HTTP's rules (Range,
 redirects, ETags) rather than from the code under test."""
+import errno
 import hashlib
 import http.server
 import io
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
+import urllib.parse
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +24,7 @@ from pretrained import encoder, files
 from references import BERT, encoder_reference, encoder_weights, safetensors_bytes, write_by_hand
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------ hub
@@ -29,7 +37,9 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
     'Range: bytes=N-' and If-Range (a stale ETag gets the whole file, 200). Per-path faults and extras:
     truncate (promise the whole body, send half, hang up, once), no_length (no Content-Length: the body ends when
     the connection closes), chunked / chunked_cut (a chunked body, complete or cut before its end), bad_range
-    (answer a resume with the wrong Content-Range), redirect (302 to another URL), headers (extra headers)."""
+    (answer a resume with the wrong Content-Range), redirect (302 to another URL), headers (extra headers),
+    ignore_if_range (answer any Range with 206, whatever the version), no_etag (no ETag header), stall (path ->
+    (n, event): send n bytes, then wait for the event before the rest, once)."""
 
     def do_GET(self):
         srv = self.server
@@ -49,7 +59,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.send_error(404)
         etag = f'"{hashlib.sha256(body).hexdigest()}"'
         start, rng = 0, self.headers.get("Range")
-        if rng and self.headers.get("If-Range", etag) == etag:
+        if rng and (self.path in srv.ignore_if_range or self.headers.get("If-Range", etag) == etag):
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 return self.send_error(416)
@@ -58,7 +68,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("ETag", etag)
+        if self.path not in srv.no_etag:
+            self.send_header("ETag", etag)
         for k, v in srv.headers.get(self.path, {}).items():
             self.send_header(k, v)
         rest = body[start:]
@@ -77,6 +88,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if self.path in srv.truncate:
             srv.truncate.discard(self.path)
             rest = rest[:len(rest) // 2]
+        if self.path in srv.stall:
+            n, event = srv.stall.pop(self.path)
+            self.wfile.write(rest[:n])
+            self.wfile.flush()
+            event.wait(30)  # a test that fails before setting it must not hang forever
+            rest = rest[n:]
         self.wfile.write(rest)
 
     def log_message(self, *args):
@@ -87,6 +104,7 @@ def start_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
     server.files, server.log, server.gated, server.redirect, server.headers = {}, [], set(), {}, {}
     server.truncate, server.no_length, server.chunked, server.chunked_cut, server.bad_range = (set() for _ in range(5))
+    server.ignore_if_range, server.no_etag, server.stall = set(), set(), {}
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -256,6 +274,106 @@ def test_download_checks_the_sha256_the_hub_states(hub, foreign, tmp_path):
     assert hub_client.download(foreign.url + "/z", tmp_path / "z").read_bytes() == other
 
 
+def test_a_resume_needs_the_partials_etag_in_the_answer(hub, tmp_path, capsys):
+    old = bytes(range(256)) * 16
+    new = bytes(reversed(old))
+    etag = f'"{hashlib.sha256(old).hexdigest()}"'
+    for name in ("/v.bin", "/w.bin"):
+        hub.files[name] = old
+        hub.truncate.add(name)
+        with pytest.raises(ConnectionError):  # half of the old version stays, with its ETag
+            hub_client.download(hub.url + name, tmp_path / name[1:])
+        hub.files[name] = new  # then the file changes, on a server that honours Range but ignores If-Range
+        hub.ignore_if_range.add(name)
+    capsys.readouterr()
+    hub.no_etag.add("/v.bin")  # its 206 states no version at all: nothing proves the bytes continue the old ones
+    assert hub_client.download(hub.url + "/v.bin", tmp_path / "v.bin").read_bytes() == new
+    assert [(path, rng) for path, rng, _, _ in hub.log[-2:]] == [("/v.bin", "bytes=2048-"), ("/v.bin", None)]
+    assert capsys.readouterr().err == (f"{hub.url}/v.bin: the server sent the rest of the file with no ETag, not the "
+                                       f"partial download's ETag {etag}: starting over from zero\n")
+    new_etag = f'"{hashlib.sha256(new).hexdigest()}"'  # its 206 states the new version: not the partial's either
+    assert hub_client.download(hub.url + "/w.bin", tmp_path / "w.bin").read_bytes() == new
+    assert [(path, rng) for path, rng, _, _ in hub.log[-2:]] == [("/w.bin", "bytes=2048-"), ("/w.bin", None)]
+    assert capsys.readouterr().err == (f"{hub.url}/w.bin: the server sent the rest of the file with ETag {new_etag}, "
+                                       f"not the partial download's ETag {etag}: starting over from zero\n")
+    assert sorted(os.listdir(tmp_path)) == ["v.bin", "w.bin"]
+
+
+CHILD = "import sys; from pretrained import hub; hub.download(sys.argv[1], sys.argv[2])"
+
+
+def start_download(url, dest):
+    """hub.download in a process of its own, as another job sharing the cache runs it."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, url, str(dest)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_two_processes_downloading_one_file_share_one_transfer(hub, tmp_path):
+    body = bytes(range(256)) * 4096
+    hub.files["/big.bin"] = body
+    release = threading.Event()
+    hub.stall["/big.bin"] = (len(body) // 2, release)  # the first transfer pauses halfway until the test says so
+    dest = tmp_path / "cache/big.bin"
+    procs = []
+    try:
+        procs.append(start_download(hub.url + "/big.bin", dest))
+        wait_for(lambda: hub.log, "the first process's request")  # it holds the lock from before its request
+        procs.append(start_download(hub.url + "/big.bin", dest))
+        assert procs[1].stderr.readline() == ("waiting for another process to finish downloading big.bin (it holds "
+                                              f"{dest}.lock)\n")
+        release.set()
+        outputs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+    finally:
+        release.set()
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert dest.read_bytes() == body
+    assert [path for path, *_ in hub.log] == ["/big.bin"]  # one transfer: the second process used its result
+    assert sorted(os.listdir(dest.parent)) == ["big.bin"]  # no partial, ETag or lock left behind
+    assert hub_client.download(hub.url + "/big.bin", dest).read_bytes() == body and len(hub.log) == 1
+
+
+def test_a_killed_downloads_lock_is_taken_over_and_its_partial_resumed(hub, tmp_path, capsys):
+    body = bytes(range(256)) * 6144  # 1.5 MiB: the download writes its first MiB, then the server stalls
+    hub.files["/big.bin"] = body
+    release = threading.Event()
+    hub.stall["/big.bin"] = (1 << 20, release)
+    dest, part = tmp_path / "big.bin", tmp_path / "big.bin.incomplete"
+    first = start_download(hub.url + "/big.bin", dest)
+    try:
+        wait_for(lambda: part.exists() and part.stat().st_size == 1 << 20, "the first MiB")
+    finally:
+        first.kill()  # -9: no cleanup runs, the lock file stays
+        first.communicate()
+        release.set()
+    assert sorted(os.listdir(tmp_path)) == ["big.bin.incomplete", "big.bin.incomplete.etag", "big.bin.lock"]
+    assert hub_client.download(hub.url + "/big.bin", dest).read_bytes() == body
+    assert "waiting" not in capsys.readouterr().err  # the dead holder's lock died with it
+    assert hub.log[-1][1] == f"bytes={1 << 20}-"  # its partial was resumed
+    assert sorted(os.listdir(tmp_path)) == ["big.bin"]
+
+
+def test_a_cache_without_file_locks_is_named(hub, tmp_path, monkeypatch):
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(hub_client.fcntl, "flock", flock)  # e.g. an NFS mount without its lock daemon
+    hub.files["/x.bin"] = b"x" * 100
+    with pytest.raises(OSError) as e:
+        hub_client.download(hub.url + "/x.bin", tmp_path / "x.bin")
+    assert str(e.value) == (f"cannot lock {tmp_path}/x.bin.lock (No locks available): the download cache's file "
+                            "system has no file locks; pass cache_dir= on one that has (a local disk)")
+    assert hub.log == [] and not (tmp_path / "x.bin").exists()
+
+
 def tiny_bert_repo(hub, repo, weights="safetensors"):
     """Put a tiny BERT repo on the fake hub with its weights in one of the three formats."""
     sd = encoder_weights(BERT)
@@ -327,6 +445,20 @@ def test_resolve_errors_name_the_problem_and_the_fix(hub, tmp_path, monkeypatch)
         hub_client.resolve("org/never-downloaded", cache_dir=cache)
     assert not cache.exists()  # the folders a failed first download made are gone again
 
+def test_different_repos_and_revisions_never_share_a_cache_folder(hub, tmp_path):
+    cases = [("org/m", "main", "org--m/main"), ("org/m", "0" * 40, "org--m/" + "0" * 40),  # where they always were
+             ("org--m", "main", "org%2D%2Dm/main"), ("org/m", "refs/pr/1", "org--m/refs--pr--1"),
+             ("org/m", "refs--pr--1", "org--m/refs%2D%2Dpr%2D%2D1"), ("a--b/c", "main", "a%2D%2Db--c/main"),
+             ("a/b--c", "main", "a--b%2D%2Dc/main"), ("org-/m", "main", "org%2D--m/main"),
+             ("org/m", "v-/-x", "org--m/v%2D--%2Dx"), ("org/m", "100%", "org--m/100%25")]
+    for repo, revision, folder in cases:
+        url_path = f"/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/config.json"
+        hub.files[url_path] = f"{repo} at {revision}".encode()
+        assert hub_client.resolve(repo, ["config.json"], revision=revision) == tmp_path / "hf/unilora" / folder
+    for repo, revision, folder in cases:
+        assert (tmp_path / "hf/unilora" / folder / "config.json").read_bytes() == f"{repo} at {revision}".encode()
+
+
 # ------------------------------------------------------------------------------------ hostile files
 
 BAD_NAMES = ["/tmp/evil.safetensors", "../evil.safetensors", "../../../../../evil.safetensors", "a/../../evil.st",
@@ -365,3 +497,76 @@ def test_nested_names_and_revisions_inside_the_folder_are_fine(hub):
     with pytest.raises(ValueError, match="revision"):
         hub_client.resolve("org/x", revision="../../x")
     assert hub.log == []
+
+
+@pytest.mark.parametrize("planted", ["config.json.incomplete", "config.json.lock", "config.json", "sub", "."])
+def test_links_planted_in_the_cache_are_not_written_through(hub, tmp_path, planted):
+    hub.files["/org/s/resolve/main/config.json"] = b"{}"
+    hub.files["/org/s/resolve/main/sub/w.safetensors"] = b"w" * 100
+    folder = tmp_path / "hf/unilora/org--s/main"
+    folder.parent.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"mine")
+    if planted != ".":
+        folder.mkdir()
+    # a folder redirected to another folder, a partial or lock to a file the user has, the file itself to a new one
+    target = {"sub": outside, ".": outside, "config.json": outside / "new"}.get(planted, outside / "precious")
+    (folder / planted).symlink_to(target)
+    with pytest.raises(PermissionError) as e:
+        hub_client.resolve("org/s", ["config.json", "sub/w.safetensors"])
+    assert str(e.value) == (f"refusing to write through the symbolic link {folder / planted} in the download cache "
+                            "(it could point anywhere); remove it, or pass another cache_dir=")
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == {"precious": b"mine"}
+    assert "/org/s/resolve/main/sub/w.safetensors" not in [path for path, *_ in hub.log]
+
+
+def test_a_link_planted_after_the_check_is_not_followed_either(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_client, "_refuse_symlinks", lambda *args: None)  # as if planted just after the check
+    (tmp_path / "precious").write_bytes(b"mine")
+    (tmp_path / "c.bin.lock").symlink_to(tmp_path / "precious")
+    hub.files["/c.bin"] = b"c" * 100
+    with pytest.raises(PermissionError) as e:
+        hub_client.download(hub.url + "/c.bin", tmp_path / "c.bin")
+    assert str(e.value) == (f"refusing to write through the symbolic link {tmp_path}/c.bin.lock in the download "
+                            "cache (it could point anywhere); remove it, or pass another cache_dir=")
+    assert (tmp_path / "precious").read_bytes() == b"mine" and hub.log == []
+
+
+def test_a_link_planted_as_the_complete_marker_is_replaced_not_followed(hub, tmp_path):
+    tiny_bert_repo(hub, "org/tiny")
+    folder = tmp_path / "hf/unilora/org--tiny/main"
+    folder.mkdir(parents=True)
+    (folder / ".complete").symlink_to(tmp_path / "elsewhere")  # dangling: a write through it would create that file
+    assert hub_client.resolve("org/tiny") == folder
+    assert not (tmp_path / "elsewhere").exists() and not (folder / ".complete").is_symlink()
+    assert (folder / "config.json").read_bytes() == hub.files["/org/tiny/resolve/main/config.json"]
+
+
+def test_download_into_a_cache_checks_the_file_is_inside_it(hub, tmp_path):
+    with pytest.raises(ValueError) as e:
+        hub_client.download(hub.url + "/x.bin", tmp_path / "x.bin", cache=tmp_path / "cache")
+    assert str(e.value) == f"download(cache={str(tmp_path / 'cache')!r}): {tmp_path}/x.bin is not inside that folder"
+    assert hub.log == [] and os.listdir(tmp_path) == []
+
+# ------------------------------------------------------------------------------------ files.atomic_write
+
+
+def test_atomic_write_removes_the_temps_of_dead_writers_only(tmp_path):
+    host = os.uname().nodename
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid belongs to no process now
+    planted = {f".out.bin.{host}.{finished.pid}.k2j4_x9q.tmp": False,  # killed -9 mid-write on this machine: removed
+               f".out.bin.{host}.{os.getppid()}.a8c3d0f1.tmp": True,  # a live writer's: kept
+               f".out.bin.other-host.{finished.pid}.a8c3d0f1.tmp": True,  # another machine's pid means nothing here
+               f".other.bin.{host}.{finished.pid}.a8c3d0f1.tmp": True,  # another file's
+               ".out.bin.a8c3d0f1.tmp": True}  # an older version's, without a pid: nothing tells whether it is stale
+    for name in planted:
+        (tmp_path / name).write_bytes(b"partial")
+    seen = []
+    files.atomic_write(tmp_path / "out.bin", lambda f: (seen.extend(os.listdir(tmp_path)), f.write(b"new")))
+    temp = re.compile(re.escape(f".out.bin.{host}.{os.getpid()}.") + r"\w+\.tmp")
+    assert [name for name in seen if temp.fullmatch(name)]  # the writer's own temp carries its pid
+    assert f".out.bin.{host}.{finished.pid}.k2j4_x9q.tmp" not in seen  # removed before the write began
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", *(name for name, kept in planted.items() if kept)])
+    assert (tmp_path / "out.bin").read_bytes() == b"new"

@@ -59,6 +59,34 @@ def test_bom_is_accepted_and_other_encodings_name_the_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+SURROGATE = "a string holds a lone surrogate escape (\\ud800-\\udfff), which no UTF-8 text can hold"
+DEEP = "arrays or objects nested too deeply to read"
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("s.jsonl", json.dumps(problem(1, 2)) + '\n{"question": "\\ud800?", "answer": "#### 1"}\n',
+     f"{{path}}:2: not valid JSON ({SURROGATE}); fix or delete that line"),
+    ("k.jsonl", '{"\\udfff": 1}\n', f"{{path}}:1: not valid JSON ({SURROGATE}); fix or delete that line"),
+    ("d.jsonl", json.dumps(problem(1, 2)) + '\n{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     f"{{path}}:2: not valid JSON ({DEEP}); fix or delete that line"),
+    ("a.json", '[{"question": "\\udc00", "answer": "#### 1"}]',
+     f"{{path}}: not valid JSON ({SURROGATE}); fix the file or re-download it"),
+    ("d.json", "[" * 100_000 + "]" * 100_000, f"{{path}}: not valid JSON ({DEEP}); fix the file or re-download it"),
+])
+def test_lone_surrogates_and_deep_nesting_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        math_data.read_records(path)
+    assert str(err.value) == message.format(path=path)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_still_load(tmp_path):
+    path = tmp_path / "ok.json"  # a pair is one character; "\\\\ud800" is a backslash and the text ud800
+    path.write_text('[{"question": "\\ud83d\\ude00", "answer": "\\\\ud800"}]', encoding="utf-8")
+    assert math_data.read_records(path)[0][1] == {"question": "\U0001F600", "answer": "\\ud800"}
+
+
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Serves a small JSONL for any path and remembers the Authorization header of each request."""
     seen = []

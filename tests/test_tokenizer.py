@@ -5,6 +5,7 @@ do not come from the code under test. (Equality with the `tokenizers` library on
 outside the project; see the comparison script in the notes.)
 """
 import json
+import random
 
 import pytest
 
@@ -12,11 +13,15 @@ from pretrained.tokenizer import Encoding, Tokenizer, pad
 from references import bert_template
 
 
-def make(tmp_path, model, name="tokenizer.json", **parts):
+def spec_of(model, **parts):
     spec = {"version": "1.0", "added_tokens": parts.pop("added_tokens", []), "model": model}
     spec.update({k: parts.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")})
+    return spec
+
+
+def make(tmp_path, model, name="tokenizer.json", **parts):
     path = tmp_path / name
-    path.write_text(json.dumps(spec), encoding="utf-8")
+    path.write_text(json.dumps(spec_of(model, **parts)), encoding="utf-8")
     return Tokenizer.from_file(path)
 
 
@@ -31,15 +36,18 @@ BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "!
 BERT_TEMPLATE = bert_template(cls_id=2, sep_id=3)
 
 
-def bert(tmp_path, lowercase=True, post=BERT_TEMPLATE, extra_added=()):
-    return make(tmp_path,
-                {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-                 "max_input_chars_per_word": 100, "vocab": {t: i for i, t in enumerate(BERT_VOCAB)}},
+def bert_parts(lowercase=True, post=BERT_TEMPLATE, extra_added=()):
+    return dict(model={"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                       "max_input_chars_per_word": 100, "vocab": {t: i for i, t in enumerate(BERT_VOCAB)}},
                 normalizer={"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
                             "strip_accents": None, "lowercase": lowercase},
                 pre_tokenizer={"type": "BertPreTokenizer"}, post_processor=post,
                 decoder={"type": "WordPiece", "prefix": "##", "cleanup": True},
                 added_tokens=[added(t, i) for i, t in enumerate(BERT_VOCAB[:5])] + list(extra_added))
+
+
+def bert(tmp_path, **kw):
+    return make(tmp_path, **bert_parts(**kw))
 
 
 def test_wordpiece_single(tmp_path):
@@ -106,16 +114,20 @@ ROBERTA_POST = {"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 
                 "add_prefix_space": False}
 
 
-def byte_level(tmp_path, pre=None, post=ROBERTA_POST, merges_as_pairs=False, **extra):
+def byte_level_parts(pre=None, post=ROBERTA_POST, merges_as_pairs=False, **extra):
     merges = [m.split(" ") for m in BL_MERGES] if merges_as_pairs else BL_MERGES
-    return make(tmp_path, {"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False, "byte_fallback": False,
-                           "vocab": {t: i for i, t in enumerate(BL_VOCAB)}, "merges": merges, **extra},
+    return dict(model={"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False, "byte_fallback": False,
+                       "vocab": {t: i for i, t in enumerate(BL_VOCAB)}, "merges": merges, **extra},
                 pre_tokenizer=pre or {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                       "use_regex": True},
                 post_processor=post, decoder={"type": "ByteLevel"},
                 added_tokens=[added(t, i) for i, t in enumerate(BL_VOCAB[:4])] + [
                     added("<mask>", 28, lstrip=True),
                     added("xy", 34, special=False, single_word=True, normalized=False)])
+
+
+def byte_level(tmp_path, **kw):
+    return make(tmp_path, **byte_level_parts(**kw))
 
 
 @pytest.mark.parametrize("pairs", [False, True])
@@ -301,15 +313,223 @@ def test_unsupported_component_is_named(tmp_path, part, spec):
 
 def test_bad_split_behavior_and_regex_class_are_named(tmp_path):
     model = {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}
-    with pytest.raises(ValueError, match="Sideways.*pre.json"):
+    with pytest.raises(ValueError) as err:
         make(tmp_path, model, name="pre.json",
              pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "Sideways", "invert": False})
-    with pytest.raises(ValueError, match="Han"):
+    assert str(err.value) == (f'{tmp_path / "pre.json"}: pre_tokenizer.behavior is "Sideways"; expected one of '
+                              "Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous")
+    with pytest.raises(ValueError) as err:
         make(tmp_path, model, pre_tokenizer={"type": "Split", "pattern": {"Regex": r"\p{Han}+"},
                                              "behavior": "Isolated", "invert": False})
+    assert str(err.value) == (f'{tmp_path / "tokenizer.json"}: pre_tokenizer.pattern.Regex "\\\\p{{Han}}+" does not '
+                              "compile (unsupported regex class \\p{Han})")
 
 
 def test_pad_right_and_left():
     rows = [[5, 6, 7], [8], []]
     assert pad(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
     assert pad(rows, -100, left=True).tolist() == [[5, 6, 7], [-100, -100, 8], [-100, -100, -100]]
+
+
+# --- malformed tokenizer.json: one line naming the file, the JSON path and what was expected -----------------------
+DROP = object()  # in a case's changes: remove the key
+BASES = {"bert": bert_parts, "bpe": byte_level_parts}
+SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False}
+BAD_TOKENIZERS = [  # (base, {dotted JSON path: new value}, the message after "<path>: ")
+    ("bert", {"model": []}, "model is [] (a list); expected an object"),
+    ("bert", {"model": DROP}, "model is missing; expected an object"),
+    ("bert", {"model.type": "Unigram"}, 'model.type is "Unigram"; expected one of BPE, WordPiece, WordLevel'),
+    ("bert", {"model.vocab": ["a"]}, 'model.vocab is ["a"] (a list); expected an object'),
+    ("bert", {"model.vocab.hello": "5"}, 'model.vocab["hello"] is "5" (a string); expected an integer >= 0'),
+    ("bert", {"model.vocab.hello": -1}, 'model.vocab["hello"] is -1; expected an integer >= 0'),
+    ("bert", {"model.unk_token": "<unk>"}, 'model.unk_token is "<unk>", which is not in model.vocab'),
+    ("bert", {"model.unk_token": 1}, "model.unk_token is 1; expected a string"),
+    ("bert", {"model.max_input_chars_per_word": "100"},
+     'model.max_input_chars_per_word is "100" (a string); expected a positive integer'),
+    ("bpe", {"model.merges": "h e"}, 'model.merges is "h e" (a string); expected a list'),
+    ("bpe", {"model.merges.0": "h e x"}, 'model.merges[0] is "h e x"; expected a "left right" string or a '
+                                         '["left", "right"] pair'),
+    ("bpe", {"model.merges.0": ["h"]}, 'model.merges[0] is ["h"]; expected a "left right" string or a '
+                                       '["left", "right"] pair'),
+    ("bpe", {"model.merges.0": "x y"}, 'model.merges[0] ("x" "y") uses a token missing from model.vocab'),
+    ("bpe", {"model.dropout": "0.1"}, 'model.dropout is "0.1" (a string); expected a number from 0 to 1'),
+    ("bpe", {"model.dropout": 0.1}, "model.dropout: BPE dropout is not supported: it makes encoding random"),
+    ("bpe", {"model.byte_fallback": "yes"}, 'model.byte_fallback is "yes" (a string); expected true or false'),
+    ("bpe", {"model.continuing_subword_prefix": 0}, "model.continuing_subword_prefix is 0; expected a string"),
+    ("bert", {"normalizer": []}, "normalizer is [] (a list); expected an object"),
+    ("bert", {"normalizer.type": DROP}, "normalizer.type is missing; expected one of BertNormalizer, NFC, NFD, NFKC, "
+                                        "NFKD, Strip, Replace, Prepend, StripAccents, Lowercase, ByteLevel, Sequence"),
+    ("bert", {"normalizer.lowercase": "yes"}, 'normalizer.lowercase is "yes" (a string); expected true or false'),
+    ("bert", {"normalizer": {"type": "Sequence", "normalizers": "NFC"}},
+     'normalizer.normalizers is "NFC" (a string); expected a list'),
+    ("bert", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, 5]}},
+     "normalizer.normalizers[1] is 5; expected an object"),
+    ("bert", {"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"Regex": "("}, "content": " "}]}},
+     'normalizer.normalizers[0].pattern.Regex "(" does not compile (missing ), unterminated subpattern at position 0)'),
+    ("bert", {"normalizer": {"type": "Replace", "pattern": {"Glob": "*"}, "content": ""}},
+     'normalizer.pattern is {"Glob": "*"}; expected {"String": text} or {"Regex": pattern}'),
+    ("bert", {"normalizer": {"type": "Replace", "pattern": {"String": " "}}},
+     "normalizer.content is missing; expected a string"),
+    ("bert", {"normalizer": {"type": "Prepend", "prepend": 5}}, "normalizer.prepend is 5; expected a string"),
+    ("bert", {"pre_tokenizer": dict(SPLIT, pattern={"Regex": "("})},
+     'pre_tokenizer.pattern.Regex "(" does not compile (missing ), unterminated subpattern at position 0)'),
+    ("bert", {"pre_tokenizer": dict(SPLIT, pattern={"Regex": "a)|(b"})},  # grouped as "(a)|(b)", it would compile
+     'pre_tokenizer.pattern.Regex "a)|(b" does not compile (unbalanced parenthesis at position 1)'),
+    ("bert", {"pre_tokenizer": dict(SPLIT, pattern={"Regex": "a{99999999999}"})},
+     'pre_tokenizer.pattern.Regex "a{99999999999}" does not compile (the repetition number is too large)'),
+    ("bert", {"pre_tokenizer": dict(SPLIT, pattern={"String": " "}, behavior=DROP)},
+     "pre_tokenizer.behavior is missing; expected one of Removed, Isolated, MergedWithPrevious, MergedWithNext, "
+     "Contiguous"),
+    ("bert", {"pre_tokenizer": dict(SPLIT, pattern={"String": " "}, invert="no")},
+     'pre_tokenizer.invert is "no" (a string); expected true or false'),
+    ("bert", {"pre_tokenizer": {"type": "Metaspace", "replacement": ""}},
+     'pre_tokenizer.replacement is ""; expected a single character'),
+    ("bert", {"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "sometimes"}},
+     'pre_tokenizer.prepend_scheme is "sometimes"; expected one of always, first, never'),
+    ("bert", {"pre_tokenizer": {"type": "CharDelimiterSplit"}},
+     "pre_tokenizer.delimiter is missing; expected a single character"),
+    ("bert", {"pre_tokenizer": {"type": "Digits", "individual_digits": 1}},
+     "pre_tokenizer.individual_digits is 1; expected true or false"),
+    ("bert", {"pre_tokenizer": {"type": "ByteLevel", "use_regex": "true"}},
+     'pre_tokenizer.use_regex is "true" (a string); expected true or false'),
+    ("bert", {"post_processor.single.0": {"SpecialToken": {"id": "[X]", "type_id": 0}}},
+     'post_processor.single[0] names the special token "[X]", which post_processor.special_tokens does not define'),
+    ("bert", {"post_processor.single.1.Sequence.id": "B"}, 'post_processor.single[1].Sequence.id is "B"; expected A'),
+    ("bert", {"post_processor.pair.3.Sequence.id": "C"}, 'post_processor.pair[3].Sequence.id is "C"; expected A or B'),
+    ("bert", {"post_processor.single.0": "[CLS]"}, 'post_processor.single[0] is "[CLS]" (a string); expected an '
+                                                   "object"),
+    ("bert", {"post_processor.single.0": {"Token": {"id": "[CLS]"}}},
+     'post_processor.single[0] is {"Token": {"id": "[CLS]"}}; expected an object {"Sequence": {...}} or '
+     '{"SpecialToken": {...}}'),
+    ("bert", {"post_processor.single.0.SpecialToken.type_id": -1},
+     "post_processor.single[0].SpecialToken.type_id is -1; expected an integer >= 0"),
+    ("bert", {"post_processor.special_tokens.[CLS].ids": [99]},
+     'post_processor.special_tokens["[CLS]"].ids[0] is 99; expected the id of a token in model.vocab or added_tokens'),
+    ("bert", {"post_processor.special_tokens.[CLS].ids": "2"},
+     'post_processor.special_tokens["[CLS]"].ids is "2" (a string); expected a list'),
+    ("bert", {"post_processor.special_tokens.[CLS]": [2]},
+     'post_processor.special_tokens["[CLS]"] is [2] (a list); expected an object with "ids"'),
+    ("bert", {"post_processor.pair": DROP}, "post_processor.pair is missing; expected a list"),
+    ("bert", {"post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]"]}},
+     'post_processor.cls is ["[CLS]"]; expected a ["token", id] pair'),
+    ("bert", {"post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 99], "cls": ["[CLS]", 2]}},
+     "post_processor.sep[1] is 99; expected the id of a token in model.vocab or added_tokens"),
+    ("bert", {"decoder": {"type": "Strip", "content": "ab"}}, 'decoder.content is "ab"; expected a single character'),
+    ("bert", {"decoder": {"type": "Strip", "content": " ", "start": -1}}, "decoder.start is -1; expected an integer "
+                                                                          ">= 0"),
+    ("bert", {"decoder.cleanup": "no"}, 'decoder.cleanup is "no" (a string); expected true or false'),
+    ("bert", {"decoder": {"type": "Replace", "pattern": {"String": "_"}, "content": None}},
+     "decoder.content is null; expected a string"),
+    ("bert", {"added_tokens": {"a": 1}}, 'added_tokens is {"a": 1} (an object); expected a list'),
+    ("bert", {"added_tokens.0": 5}, "added_tokens[0] is 5; expected an object"),
+    ("bert", {"added_tokens.0.content": 5}, "added_tokens[0].content is 5; expected a string"),
+    ("bert", {"added_tokens.0.id": "0"}, 'added_tokens[0].id is "0" (a string); expected an integer >= 0'),
+    ("bert", {"added_tokens.0.special": "true"}, 'added_tokens[0].special is "true" (a string); expected true or '
+                                                 "false"),
+    ("bert", {"padding": {"pad_token": "[PADX]"}},
+     'padding.pad_token is "[PADX]", which is in neither model.vocab nor added_tokens'),
+    ("bert", {"padding": "yes"}, 'padding is "yes" (a string); expected an object'),
+]
+
+
+def changed(base: str, changes: dict) -> dict:
+    """The base spec with each dotted path (list items by index) set to its value, or removed for DROP."""
+    spec = json.loads(json.dumps(spec_of(**BASES[base]())))  # a copy: the bases share their templates
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node = spec
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value is DROP:
+            del node[key]
+        else:
+            node[key] = {k: v for k, v in value.items() if v is not DROP} if isinstance(value, dict) else value
+    return spec
+
+
+@pytest.mark.parametrize("base,changes,message", BAD_TOKENIZERS)
+def test_malformed_tokenizer_json_is_one_line_naming_the_json_path(tmp_path, base, changes, message):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(changed(base, changes)))
+    with pytest.raises(ValueError) as err:
+        Tokenizer.from_file(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_sequences_nest_eight_deep_at_most(tmp_path):
+    pre = {"type": "WhitespaceSplit"}
+    for _ in range(8):
+        pre = {"type": "Sequence", "pretokenizers": [pre]}
+    tok = make(tmp_path, bert_parts()["model"], pre_tokenizer=pre)
+    assert tok.encode("hello  world").ids == [5, 6]
+    path = tmp_path / "deep.json"
+    path.write_text(json.dumps(spec_of(bert_parts()["model"], pre_tokenizer={"type": "Sequence",
+                                                                            "pretokenizers": [pre]})))
+    with pytest.raises(ValueError) as err:
+        Tokenizer.from_file(path)
+    assert str(err.value) == f"{path}: pre_tokenizer{'.pretokenizers[0]' * 8}: Sequences nested more than 8 deep"
+
+
+def test_special_token_files_are_checked_and_the_roles_must_be_tokens(tmp_path):
+    bert(tmp_path)
+    config, smap = tmp_path / "tokenizer_config.json", tmp_path / "special_tokens_map.json"
+    cases = [(smap, {"pad_token": 5}, f'{smap}: pad_token is 5; expected a token: a string, or an object with a '
+                                      '"content" string'),
+             (smap, {"mask_token": ["[MASK]"]}, f'{smap}: mask_token is ["[MASK]"]; expected a token: a string, or '
+                                                'an object with a "content" string'),
+             (config, {"eos_token": {"lstrip": False}}, f"{config}: eos_token.content is missing; expected a string"),
+             (config, {"eos_token": "</s>"}, f'{config}: eos_token is "</s>", which is not a token of '
+                                             f'{tmp_path / "tokenizer.json"}')]
+    for path, data, message in cases:
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError) as err:
+            Tokenizer.from_pretrained(tmp_path)
+        assert str(err.value) == message
+        path.unlink()
+    # true/false are flags and null names no token; a role the later file names again is that file's
+    config.write_text(json.dumps({"add_bos_token": True, "bos_token": None, "eos_token": "</s>", "pad_token": ""}))
+    smap.write_text(json.dumps({"eos_token": "[SEP]", "pad_token": {"content": "[PAD]"}}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 3, 0)
+
+
+def tokenizer_variants(seed=0, n=300):
+    """Seeded mutations of the valid test tokenizers: a random walk down the JSON to one node, which is then replaced
+    by a hostile value or removed."""
+    rng = random.Random(seed)
+    pool = [-1, 0, 1, 2, 99, 1.5, "", "a", "(", "[CLS]", "Ġ", None, True, False, [], [1], ["a", 1], {},
+            {"type": "Sequence"}, {"String": " "}, {"Regex": "(["}, {"Regex": "\\p{L}+"}, "Isolated", "first",
+            {"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    for i in range(n):
+        spec = json.loads(json.dumps(spec_of(**BASES["bert" if i % 2 else "bpe"]())))
+        spec["padding"] = {"pad_token": BERT_VOCAB[0] if i % 2 else BL_VOCAB[1]}
+        node, key = spec, rng.choice(sorted(spec))
+        while isinstance(node[key], (dict, list)) and node[key] and rng.random() < 0.7:
+            node = node[key]
+            key = rng.randrange(len(node)) if isinstance(node, list) else rng.choice(sorted(node))
+        if isinstance(node, dict) and rng.random() < 0.2:
+            del node[key]
+        else:
+            node[key] = json.loads(json.dumps(rng.choice(pool)))
+        yield spec
+
+
+def test_tokenizer_fuzz_only_one_line_value_errors_and_accepted_files_encode():
+    outcomes = {"loaded": 0, "refused": 0}
+    for i, spec in enumerate(tokenizer_variants()):
+        try:
+            tok = Tokenizer(spec)
+        except ValueError as e:
+            outcomes["refused"] += 1
+            assert "\n" not in str(e), f"variant {i}: {e}"
+            continue
+        outcomes["loaded"] += 1
+        try:  # what loads must encode and decode: a malformed part that slipped through would raise here
+            for a, b in (("Hello, world! é 12 [MASK]", None), ("hello", "world"), ("", "")):
+                ids = tok.encode(a, b, max_length=6).ids + tok.encode(a, b).ids
+                tok.decode(ids + [len(BERT_VOCAB) + 5]), tok.decode(ids, skip_special_tokens=False)
+        except ValueError as e:  # a WordPiece/WordLevel file that names no unk_token meets an unknown word
+            assert str(e).startswith("unknown piece"), f"variant {i}: {e}"
+    assert outcomes["refused"] > 80 and outcomes["loaded"] > 80, outcomes  # both paths were really exercised

@@ -26,7 +26,7 @@ import torch
 import train_glue as tg
 from pretrained import save_safetensors
 from recipes import glue_data
-from references import bert_template, byte_symbols
+from references import bert_template, byte_symbols, paused_while_holding
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -687,7 +687,8 @@ def test_a_diverged_run_stops_saves_nothing_and_keeps_the_old_run(assets, tmp_pa
     ("--r", "0"), ("--lr", "nan"), ("--lr", "-1e-3"), ("--head_lr", "inf"), ("--head_lr", "0"),
     ("--weight_decay", "-0.1"), ("--warmup_ratio", "1"), ("--grad_clip", "-1"), ("--max_length", "0"),
     ("--seed", "-1"), ("--seeds", "1,1"), ("--seeds", "1,x"), ("--threads", "0"), ("--alpha", "nan"),
-    ("--device", "gpu0"), ("--task", "wnli"), ("--report", "first"),
+    ("--device", "gpu0"), ("--task", "wnli"), ("--report", "first"), ("--seed", "4294967296"),
+    ("--seeds", "1,4294967296"), ("--threads", "1000000000"), ("--device", "meta"),
 ])
 def test_every_number_is_checked_by_argparse(tmp_path, capsys, flag, value):
     message = user_error(capsys, ["--task", "sst2", flag, value, "--output_dir", str(tmp_path / "out")])
@@ -786,6 +787,76 @@ def test_one_real_command_line_run(assets, tmp_path):
     assert json.loads((out / "results.json").read_text())["steps"] == 2
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--seed", "4294967296"], "argument --seed: '4294967296' is not a seed from 0 to 4294967295"),
+    (["--threads", "1000000000"], "argument --threads: '1000000000' is not a number of threads from 1 to 1024"),
+    (["--device", "meta"], "argument --device: 'meta' is not a device these scripts run on (auto, cpu, cuda, cuda:N or "
+                           "mps)"),
+    (["--max_step", "2"], "unrecognized arguments: --max_step 2"),  # an abbreviation is not silently --max_steps
+])
+def test_out_of_range_numbers_and_abbreviations_are_refused_by_name(tmp_path, capsys, argv, line):
+    message = user_error(capsys, ["--task", "sst2", *argv, "--output_dir", str(tmp_path / "out")])
+    assert message.splitlines()[-1].endswith(f" error: {line}") and tree(tmp_path) == []
+
+
+def test_two_runs_on_one_folder_never_mix(assets, tmp_path, capsys):
+    """Two real processes on one --output_dir: the second stops at once, naming the first by its pid, and the first
+    finishes with its own files only (its seed in results.json, run.json and best/run.json)."""
+    models, data = assets
+    out = tmp_path / "out"
+    argv = ["--task", "sst2", "--model", str(models["bert"]), "--data_dir", str(data["sst2"]), "--output_dir",
+            str(out), "--d", "64", "--max_length", "32", "--batch_size", "8", "--max_steps", "2", "--threads", "1"]
+    first = subprocess.Popen([sys.executable, str(REPO / "train_glue.py"), *argv, "--seed", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        with paused_while_holding(first, tmp_path / "out.lock"):  # the first run holds the folder meanwhile
+            message = user_error(capsys, [*argv, "--seed", "2"])
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert message == (f"error: --output_dir {out} is in use by another run (pid {first.pid}); wait for it to end, "
+                       f"or pick another --output_dir")
+    assert first.returncode == 0, err
+    assert tree(tmp_path) == ["out", "out/adapter.pt", "out/best", "out/best/adapter.pt", "out/best/head.safetensors",
+                              "out/best/run.json", "out/head.safetensors", "out/results.json", "out/run.json"]
+    seeds = [json.loads((out / name).read_text())["seed"] for name in ("run.json", "best/run.json")]
+    assert seeds + [json.loads((out / "results.json").read_text())["config"]["seed"]] == [1, 1, 1]
+
+
+def test_eval_only_refuses_damaged_or_foreign_runs_in_one_line(assets, tmp_path, capsys):
+    _, saved = run(assets, tmp_path, "--max_steps", "1", name="saved")
+    before = {p: (saved / p).read_bytes() for p in tree(saved) if "." in p}
+    config = json.loads((saved / "run.json").read_text())
+    hint = "--load must be a run folder written by train_glue.py, or its best/"
+    cases = {"list": ("[]", "holds no settings (a JSON object)"),
+             "no-task": (json.dumps({k: v for k, v in config.items() if k != "task"}), "has no 'task'"),
+             "bad-seed": (json.dumps(config | {"seed": "1"}), "has an invalid 'seed': '1'"),
+             "math": (json.dumps({"method": "unilora", "model": "m", "train_data": "metamathqa"}),  # train_math's
+                      "has no 'task'")}
+    for name, (content, problem) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "run.json").write_text(content)
+        message = user_error(capsys, ["--eval_only", "--load", str(folder)])
+        assert message == f"error: --load {folder}: {folder / 'run.json'} {problem}; {hint}"
+        assert tree(folder) == ["run.json"]
+    message = user_error(capsys, ["--eval_only", "--load", str(saved), "--output_dir", str(saved / "best"),
+                                  "--overwrite"])  # inside the run: its best adapter would be replaced
+    assert message == (f"error: --output_dir {saved / 'best'} holds the run that --load reads, or lies inside it; "
+                       f"leave --output_dir out to write {saved / 'eval-1'}")
+    assert {p: (saved / p).read_bytes() for p in tree(saved) if "." in p} == before
+
+
+def test_ctrl_c_ends_in_one_line_with_status_130(assets, tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tg, "train", interrupted)
+    with pytest.raises(SystemExit) as end:
+        tg.main(["--task", "sst2", "--output_dir", str(tmp_path / "out")])
+    assert end.value.code == 130
+    assert capsys.readouterr().err == "interrupted; the output folder was left as it was before\n"
+
+
 def test_an_existing_run_is_replaced_only_with_overwrite(assets, tmp_path, capsys):
     _, out = run(assets, tmp_path, "--max_steps", "1", "--epochs", "1")
     saved = (out / "results.json").read_text()
@@ -882,3 +953,23 @@ def test_a_user_error_under_torchrun_is_printed_once_and_stops_every_copy(assets
     message = f"--output_dir {saved} already holds a run; pass --overwrite"
     assert (proc.stdout + proc.stderr).count(message) == 1 and "train_glue.py\", line" not in proc.stderr
     assert tree(tmp_path) == ["saved", "saved/run.json"]
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("num_hidden_layers", "6", 'num_hidden_layers is "6" \\(a string\\); expected a positive integer'),
+    ("model_type", None, "model_type is null; expected a string"),
+    ("hidden_size", -8, "hidden_size is -8; expected a positive integer"),
+])
+def test_a_malformed_model_config_is_one_line(assets, tmp_path, capsys, key, value, complaint):
+    """config.json values are typed and ranged before anything is built (pretrained.encoder.encoder_settings): a
+    bad one is one line naming the file and the key, not a traceback from the first code that reads it."""
+    import shutil
+    models, data = assets
+    broken = tmp_path / "broken-bert"
+    shutil.copytree(models["bert"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, key: value}))
+    message = user_error(capsys, ["--task", "sst2", "--model", str(broken), "--data_dir", str(data["sst2"]),
+                                  "--output_dir", str(tmp_path / "out"), "--threads", "1", "--device", "cpu"])
+    assert re.search(f"--model {re.escape(str(broken))}: .*config.json: {complaint}", message), message
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ import json
 import os
 import re
 import runpy
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from recipes import generation, math_data
 from recipes.generation import cut_at_stop
 from recipes.training import NonFiniteLoss, UserError
 from train_math import main
-from references import byte_symbols
+from references import byte_symbols, paused_while_holding
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
@@ -451,6 +453,8 @@ def test_score_refuses_what_it_would_ignore(tiny, tmp_path, monkeypatch):
     assert run_as_script(monkeypatch, ["--score", str(hand), "--eval_data", "gsm8k", "--lr", "0.1"]) == \
         "error: --score grades a file and needs no model or training settings; drop --lr"
     assert run_as_script(monkeypatch, ["--score", str(hand)]).startswith("error: --score needs --eval_data")
+    assert run_as_script(monkeypatch, ["--score", str(tmp_path / "nothing.jsonl"), "--eval_data", "gsm8k"]) == \
+        f"error: --score {tmp_path / 'nothing.jsonl'}: no such file; pass a predictions.jsonl or a JSONL of completions"
     hand.write_text(json.dumps(dict(text="The answer is: 1")) + "\n")
     code = run_as_script(monkeypatch, ["--score", str(hand), "--eval_data", "gsm8k"])
     assert code.startswith(f"error: {hand}:1: no 'completion' string") and "\n" not in code
@@ -496,6 +500,7 @@ def test_command_line(tiny, tmp_path):
 
 def run_as_script(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", ["train_math.py", *argv])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the script's SIGTERM handler: not for pytest
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(HERE / "train_math.py"), run_name="__main__")
     return exit_.value.code
@@ -527,7 +532,7 @@ def test_user_errors_exit_without_traceback(tiny, tmp_path, monkeypatch):
     ("--max_eval_samples", "-1"), ("--max_new_tokens", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--d", "0"),
     ("--warmup_ratio", "1.5"), ("--dropout", "-0.1"), ("--stop_after", "0"), ("--seed", "-1"), ("--dtype", "fp8"),
     ("--grad_clip", "-1"), ("--weight_decay", "-0.5"), ("--r", "0"), ("--threads", "0"), ("--lora_alpha", "0"),
-    ("--max_length", "0"), ("--epochs", "2.5"),
+    ("--max_length", "0"), ("--epochs", "2.5"), ("--seed", "4294967296"), ("--threads", "1000000000"),
 ])
 def test_numbers_are_checked_before_anything_is_written(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_:
@@ -720,3 +725,175 @@ def test_paper_defaults(tmp_path):
     assert (mine.seed, mine.amp, mine.signs, mine.loss) == (1, "bf16", True, "tokens")
     assert train_math.parse_args(["--protocol", "plain", "--template", "alpaca"]).loss == "tokens"
     assert train_math.parse_args(["--projection", "fastfood"]).signs is True  # signed by construction
+
+
+# ------------------------------------------------------------------------------------------- run folders (issue 22)
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+RUN = ["adapter.pt", "checkpoint.pt", "predictions.jsonl", "results.json", "run.json", "train_log.jsonl"]
+
+
+def test_two_runs_on_one_folder_never_mix(tiny, tmp_path):
+    """Two real processes on one --output_dir: the second stops at once, naming the first by its pid; the first
+    finishes with its own files only: its seed, its steps logged once each."""
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(HERE / "train_math.py"), *base_args(tiny, out, "--max_steps", "2",
+                                                                                      "--seed", "1")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        with paused_while_holding(first, tmp_path / "out.lock"):  # the first run holds the folder meanwhile
+            with pytest.raises(UserError) as refused:
+                main(base_args(tiny, out, "--max_steps", "2", "--seed", "2"))
+        _, err = first.communicate(timeout=240)
+    finally:
+        first.kill()
+    assert str(refused.value) == (f"--output_dir {out} is in use by another run (pid {first.pid}); wait for it to "
+                                  f"end, or pick another --output_dir")
+    assert first.returncode == 0, err[-3000:]
+    assert tree(out) == RUN and not (tmp_path / "out.lock").exists() and not (tmp_path / "out.partial").exists()
+    assert strict_json(out / "results.json")["args"]["seed"] == json.loads((out / "run.json").read_text())["seed"] == 1
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def interrupt_at(monkeypatch, step):
+    """Ctrl-C during optimiser step `step` (before anything of it is logged or saved)."""
+    from recipes import training
+    real = training.optimizer_step
+
+    def step_or_interrupt(*args, **kwargs):
+        if args[3] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "optimizer_step", step_or_interrupt)  # what the script imports when it runs
+
+
+def test_a_failed_or_interrupted_run_blocks_no_retry_and_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch,
+                                                                                    capsys):
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as refused:
+        main(base_args(tiny, out, "--max_train_samples", "3", "--no_eval"))
+    assert str(refused.value) == "3 examples do not fill one batch of 4; lower --batch_size or use more data"
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
+    argv = base_args(tiny, out, "--max_steps", "4", "--save_every", "2")
+    interrupt_at(monkeypatch, 1)  # before the first checkpoint: nothing is kept
+    capsys.readouterr()
+    assert run_as_script(monkeypatch, argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted; the output folder was left as it was before"
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
+    monkeypatch.undo()
+    interrupt_at(monkeypatch, 3)  # after the checkpoint of step 2: a run to resume, and the command that does it
+    assert run_as_script(monkeypatch, argv) == 130
+    err = capsys.readouterr().err
+    command = shlex.join(["python", "train_math.py", *argv, "--resume"])
+    assert err.splitlines()[-1] == f"interrupted at step 2 (the last checkpoint); continue with: {command}"
+    assert "Traceback" not in err and tree(out) == ["adapter.pt", "checkpoint.pt", "run.json", "train_log.jsonl"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    done = main(shlex.split(command)[2:])
+    assert done["status"] == "finished" and tree(out) == RUN
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    results = (out / "results.json").read_bytes()
+    with pytest.raises(UserError) as refused:  # a finished run: --resume would replace its results
+        main(shlex.split(command)[2:])
+    assert str(refused.value) == (f"--resume: {out} holds a finished run, whose results --resume would replace; "
+                                  f"evaluate it again with --eval_only --load {out}, or train it anew with --overwrite "
+                                  f"instead of --resume")
+    assert (out / "results.json").read_bytes() == results
+
+
+def test_resume_refuses_a_damaged_checkpoint_or_log_in_one_line(tiny, tmp_path):
+    run = tmp_path / "run"
+    args = base_args(tiny, run, "--max_steps", "2", "--stop_after", "1", "--no_eval")
+    main(args)
+    path, log = run / "checkpoint.pt", run / "train_log.jsonl"
+    good, logged = torch.load(path, weights_only=True), log.read_text()
+    anew = "start the run anew with --overwrite instead of --resume"
+
+    def refusal(damage=None, content=None):
+        ckpt = torch.load(path, weights_only=True) if damage else None
+        if damage:
+            damage(ckpt)
+            torch.save(ckpt, path)
+        if content is not None:
+            path.write_bytes(content)
+        before = {p: (run / p).read_bytes() for p in tree(run)}
+        with pytest.raises(UserError) as refused:
+            main(args + ["--resume"])
+        assert {p: (run / p).read_bytes() for p in tree(run)} == before  # a refusal changes nothing
+        torch.save(good, path)
+        return str(refused.value)
+    assert refusal(content=path.read_bytes()[:300]).startswith(f"{path} cannot be read as a checkpoint (")
+    assert refusal(content=b"").endswith(f"); {anew}")
+    assert refusal(lambda c: c.clear() or c.update(config=good["config"], listed=[1])) == \
+        f"{path} is not a checkpoint of this run (it has no 'step'); {anew}"
+    assert refusal(lambda c: c.pop("scaler")) == f"{path} is not a checkpoint of this run (it has no 'scaler'); {anew}"
+    assert refusal(lambda c: c.update(step="1")) == \
+        f"{path} is not a checkpoint of this run (its step '1' is not one of the run's 2); {anew}"
+    assert refusal(lambda c: c.update(step=3)) == \
+        f"{path} is not a checkpoint of this run (its step 3 is not one of the run's 2); {anew}"
+    for key, damage in [("adapter_params", lambda c: c["adapter_params"][0].resize_(3)),  # a tensor of another shape
+                        ("adapter_params", lambda c: c.update(adapter_params=[])),
+                        ("optimizer", lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+                        ("optimizer", lambda c: c["optimizer"]["param_groups"][0].update(lr="high")),
+                        ("scheduler", lambda c: c["scheduler"].update(last_epoch=[1])),
+                        ("scaler", lambda c: c.update(scaler=[])),
+                        ("torch_rng", lambda c: c.update(torch_rng=torch.zeros(5, dtype=torch.uint8))),
+                        ("cuda_rng", lambda c: c.update(cuda_rng="seed")),
+                        ("before", lambda c: c.update(before={"loglik": "high"}))]:
+        assert refusal(damage) == f"{path} is not a checkpoint of this run (its {key} does not fit this run's); {anew}"
+    assert refusal(lambda c: c["optimizer"].update(param_groups=[])).startswith(
+        f"{path} is not a checkpoint of this run (")  # the loader's own check, in one line
+    log.write_text("not json\n" + logged)
+    assert refusal() == f"{log}:1 is not a line of a training log; restore the file, or {anew}"
+    log.write_text("")
+    assert refusal() == f"{log} does not hold steps 1 to 1, which the checkpoint has done; restore the file, or {anew}"
+    log.write_text(logged + '{"step": 2, "lo')  # torn by a kill while writing step 2's line: cut, as a later step's
+    assert main(base_args(tiny, run, "--max_steps", "2", "--no_eval", "--resume"))["train"]["steps_done"] == 2
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+
+
+def test_eval_only_takes_the_runs_settings_and_no_training_flags(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    main(base_args(tiny, run, "--max_steps", "1"))  # --max_new_tokens 6, --eval_batch_size 3
+    files = {p: (run / p).read_bytes() for p in tree(run)}
+    for argv, flag in ((["--lr", "0.5", "--d", "1024"], "--lr"), (["--d", "1024"], "--d"), (["--seed", "3"], "--seed"),
+                       (["--max_steps", "3"], "--max_steps"), (["--train_data", "gsm8k"], "--train_data")):
+        with pytest.raises(UserError) as refused:
+            main(["--eval_only", "--load", str(run), *argv])
+        assert str(refused.value) == f"--eval_only evaluates the run in --load as it was trained, so {flag} does " \
+                                     f"not apply; drop it"
+    again = main(["--eval_only", "--load", str(run), "--threads", "1"])  # the run's budget and batch, not 1,024
+    assert (again["after"]["max_new_tokens"], again["args"]["eval_batch_size"]) == (6, 3)
+    assert tree(run) == sorted([*files, "eval-1", "eval-1/predictions.jsonl", "eval-1/results.json"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError):  # fails once its folder is staged: no empty eval-2/ is left
+        main(["--eval_only", "--load", str(run), "--eval_data", str(tmp_path / "empty.jsonl"), "--threads", "1"])
+    assert tree(run) == sorted([*files, "eval-1", "eval-1/predictions.jsonl", "eval-1/results.json"])
+    with pytest.raises(UserError) as refused:
+        main(["--eval_only", "--load", str(run), "--output_dir", str(run / "eval-1"), "--overwrite"])
+    assert str(refused.value) == (f"--output_dir {run / 'eval-1'} is the run being evaluated, or holds it, or lies "
+                                  f"inside it; its files are never replaced; leave --output_dir out (results go to "
+                                  f"{run / 'eval-2'})")
+    hint = "not a run folder of train_math.py (needs run.json and adapter.pt)"
+    for content, problem in (("[]", "holds no settings (a JSON object)"),
+                             (json.dumps({"task": "sst2", "method": "unilora", "model": "roberta"}),  # train_glue's
+                              "has no 'train_data'"),
+                             (json.dumps(json.loads(files["run.json"]) | {"max_new_tokens": 0}),
+                              "has an invalid 'max_new_tokens': 0")):
+        (run / "run.json").write_text(content)
+        assert run_as_script(monkeypatch, ["--eval_only", "--load", str(run)]) == \
+            f"error: --load {run}: {run / 'run.json'} {problem}; {hint}"
+
+
+def test_unknown_devices_and_abbreviated_flags_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    out = ["--output_dir", str(tmp_path / "out")]
+    assert run_as_script(monkeypatch, ["--device", "meta", *out]) == \
+        "error: --device meta: not a device these scripts run on; use auto, cpu, cuda, cuda:N or mps"
+    capsys.readouterr()
+    assert run_as_script(monkeypatch, ["--max_new_token", "5", *out]) == 2  # not silently --max_new_tokens
+    assert capsys.readouterr().err == "error: unrecognized arguments: --max_new_token 5 (see --help)\n"
+    assert tree(tmp_path) == []
