@@ -17,6 +17,11 @@ PASS/FAIL:
      like each matrix, theta_d[index] * scale per matrix with autograd): target ours/PEFT <= 0.33 (3x faster).
   3. a training step of a RoBERTa-base-shaped encoder, query and value, d = 23,040, batch 16 x 128: target <= 1.00;
      resident projection state per LoRA entry (target <= 8 bytes; PEFT keeps 12) and the adapter file size.
+  4. the 4-bit base (QLoRA's NF4, pretrained/nf4.py): a Uni-LoRA training step over NF4Linear layers against the
+     same step over the fp32 base (informational, target <= 2.00); the bytes per weight an NF4Linear of Llama-2-7B's
+     MLP shape keeps (target <= 0.53, over bf16's 2); the peak RSS gained while loading a SmolLM2-135M-shaped fp32
+     checkpoint into 4 bits, over its size (target: the 4-bit model plus its largest tensor in fp32 and in bf16);
+     a Llama-2-7B-shaped 4-bit model's bytes, counted on the meta device (target <= 0.30 of fp16).
 Times are medians of interleaved rounds (each round runs every side once, the order reversed every other round,
 the garbage collector never inside a timed call), so drifts in machine load hit all sides alike; each row also
 gives the range of ours/baseline over the rounds, its spread. --quick keeps every row but shrinks the models (4 of
@@ -25,8 +30,11 @@ gives the range of ours/baseline over the rounds, its spread. --quick keeps ever
 import argparse
 import copy
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -36,7 +44,8 @@ import torch.nn.functional as F
 
 import projections
 import unilora
-from pretrained import CausalLM, Encoder
+from pretrained import CausalLM, Encoder, save_safetensors
+from pretrained.nf4 import NF4Linear, quantize_model, resident_bytes
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
@@ -237,6 +246,118 @@ def adapter_file_bytes() -> int:
         return os.path.getsize(path)
 
 
+# ---------------------------------------------------------------------------------------- the 4-bit base (NF4)
+
+# Only its shapes are used (meta device): Llama-2-7B's dimensions, untied head, 6.74B parameters.
+LLAMA2_7B = dict(SMOLLM2_135M, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0, max_position_embeddings=4096,
+                 tie_word_embeddings=False)
+
+
+def nf4_step_row(device, quick: bool, repeats: int):
+    """A Uni-LoRA training step over the 4-bit base (every block linear an NF4Linear, its weight rebuilt in each
+    forward and backward) against the same step over the fp32 base: the time QLoRA's memory costs. Informational:
+    the target only flags a slowdown beyond 2x."""
+    layers = 4 if quick else SMOLLM2_135M["num_hidden_layers"]
+    config, d = dict(SMOLLM2_135M, num_hidden_layers=layers), round(65536 * layers / 30)
+    torch.manual_seed(0)
+    base = CausalLM(config)
+    adapters = {"nf4": lambda m: unilora.apply_unilora(quantize_model(m), d, r=4),
+                "fp32": lambda m: unilora.apply_unilora(m, d, r=4)}
+    what = (f"train step, SmolLM2-135M shape{f' ({layers} of 30 layers)' if quick else ''}, 1x64, Uni-LoRA "
+            f"d={d:,}, r=4, on the 4-bit NF4 base")
+    try:
+        adapters["nf4"](copy.deepcopy(base))
+    except ValueError as e:  # unilora.py without NF4Linear support
+        print(f"| {device.type} | {what} | skipped: unilora.py cannot adapt NF4Linear ({e}) | | | | |", flush=True)
+        return
+    ids = torch.randint(0, config["vocab_size"], (1, 64), device=device)
+
+    def lm_loss(model, ids):
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    ours, fp32, ratio, spread = compare(step_times(device, base, adapters, lambda: (ids,), lm_loss, repeats),
+                                        "nf4", "fp32")
+    row(device.type, what, f"4-bit base: {ours:.3f} s", f"fp32 base: {fp32:.3f} s", ratio, 2.00, spread=spread)
+
+
+def nf4_bytes_row():
+    """What a big layer keeps: 4-bit codes, an 8-bit absmax per 64 weights, an fp32 scale per 256 of those."""
+    layer = NF4Linear.from_weight(torch.randn(11008, 4096))  # Llama-2-7B's MLP shape
+    per_weight = sum(b.nbytes for b in layer.buffers()) / (11008 * 4096)
+    row("any", "resident bytes per weight, NF4Linear 11008x4096 (Llama-2-7B MLP)",
+        f"{per_weight:.4f} B (codes, 8-bit absmax, fp32 scales)", "bf16: 2 B", per_weight / 2, 0.53 / 2, "smaller",
+        "larger")
+
+
+LOAD = """import sys, torch
+from pretrained import CausalLM
+from pretrained.nf4 import resident_bytes
+folder, quantize, dtype, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))
+def peak_rss():  # kB: this process's high-water mark since it started (getrusage's would include its parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+before = peak_rss()
+model = CausalLM.from_pretrained(folder, getattr(torch, dtype), None if quantize == "none" else quantize)
+print(1024 * (peak_rss() - before), resident_bytes(model))
+"""
+
+
+def load_peak(folder: str, quantize: str, dtype: str, threads: int) -> tuple[int, int]:
+    """(peak resident memory (RSS) gained while loading, the loaded model's bytes), in a fresh process: peak RSS
+    counts every allocation, torch's included, but only ever grows, so each load needs a process of its own. Read
+    from /proc (VmHWM): getrusage's ru_maxrss keeps the high-water mark of the parent that started the process."""
+    out = subprocess.run([sys.executable, "-c", LOAD, folder, quantize, dtype, str(threads)], capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    peak, size = out.stdout.split()[-2:]
+    return int(peak), int(size)
+
+
+def nf4_load_row(threads: int):
+    """Peak memory of CausalLM.from_pretrained(quantize="nf4") on a SmolLM2-135M-shaped fp32 checkpoint (random
+    weights, all 30 layers even with --quick: nothing here is timed), against the checkpoint's size. Target: the
+    design's bound, the 4-bit model plus the largest checkpoint tensor (the embedding) in fp32 and cast to bf16."""
+    what = "peak memory loading a SmolLM2-135M-shaped fp32 checkpoint into 4 bits (bf16 embeddings)"
+    if not os.path.exists("/proc/self/status"):
+        print(f"| any | {what} | skipped: peak RSS is read from /proc (Linux only) | | | | |")
+        return
+    torch.manual_seed(0)
+    sd = {k: v for k, v in CausalLM(SMOLLM2_135M).state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    fp32, largest = sum(t.nbytes for t in sd.values()), max(t.nbytes for t in sd.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_safetensors(sd, os.path.join(tmp, "model.safetensors"))
+        del sd
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(SMOLLM2_135M, f)
+        peak, size = load_peak(tmp, "nf4", "bfloat16", threads)
+        peak_fp32, _ = load_peak(tmp, "none", "float32", threads)
+    row("any", what, f"peak RSS +{peak / 2**20:.0f} MiB (the model: {size / 2**20:.0f} MiB)",
+        f"fp32 checkpoint: {fp32 / 2**20:.0f} MiB (loaded in fp32: peak RSS +{peak_fp32 / 2**20:.0f} MiB)",
+        peak / fp32, (size + 1.5 * largest) / fp32, "smaller", "larger")
+
+
+def nf4_7b_row():
+    """A Llama-2-7B-shaped model in 4 bits, counted on the meta device (the bytes its tensors would take, nothing
+    allocated): the blocks' linears in NF4, the embeddings, norms and lm_head in bf16, as QLoRA keeps them."""
+    with torch.device("meta"):
+        model = CausalLM(LLAMA2_7B)
+    n = sum(p.numel() for p in model.parameters())
+    ours = resident_bytes(quantize_model(model, torch.bfloat16).to(torch.bfloat16))
+    row("any", "Llama-2-7B shape in memory: 4-bit blocks, bf16 embeddings, norms, lm_head (meta device)",
+        f"{ours / 2**30:.2f} GiB", f"fp16: {2 * n / 2**30:.2f} GiB ({n / 1e9:.2f}B parameters)", ours / (2 * n), 0.30,
+        "smaller", "larger")
+
+
+def nf4_rows(devices, quick: bool, repeats: int, threads: int):
+    for device in devices:
+        nf4_step_row(device, quick, repeats)
+    nf4_bytes_row()
+    nf4_load_row(threads)
+    nf4_7b_row()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -267,6 +388,7 @@ def main():
     size = adapter_file_bytes()
     row("any", "adapter file, d=23,040, nothing else trained", f"{size:,} bytes", f"4d = {4 * 23040:,} bytes",
         size / (4 * 23040), 1 + 4096 / (4 * 23040), "smaller", "larger")
+    nf4_rows(devices, args.quick, step_repeats, args.threads)
     print(f"\n{time.time() - start:.0f} s")
     if FAILED:
         raise SystemExit(f"{len(FAILED)} row(s) missed the target: {'; '.join(FAILED)}")

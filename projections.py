@@ -270,9 +270,10 @@ class LoRALinear(unilora.AdaptedLinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__(base, dropout)
         self.r, self.scaling = r, alpha / r
-        dtype = torch.promote_types(torch.float32, base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=base.weight.device))
+        device, dtype = unilora.base_device_dtype(base)  # an nn.Linear, or a quantized base (NF4)
+        dtype = torch.promote_types(torch.float32, dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its own weight
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1185,3 +1185,91 @@ def test_cuda_bf16_autocast_and_merge():
     reference = model(x).detach()
     adapter.merge()
     assert torch.allclose(model(x), reference, atol=1e-4)
+
+
+# ---------------------------------------------------------------- a quantized base (issue 23)
+
+class Rounded(nn.Module):
+    """A stand-in quantized layer keeping the is_base contract: integer codes times one step, dequantized in forward,
+    `unilora_adaptable = True`. (pretrained/nf4.py's NF4Linear is the real one; this one keeps the test exact.)"""
+    unilora_adaptable = True
+
+    def __init__(self, linear: nn.Linear, step: float = 0.01):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype, self.step = (
+            linear.in_features, linear.out_features, linear.weight.dtype, step)
+        self.register_buffer("codes", torch.round(linear.weight.detach() / step).to(torch.int16))
+        self.bias = linear.bias.requires_grad_(False)
+
+    def dequantize(self, dtype=None):
+        return self.codes.to(dtype or self.compute_dtype) * self.step
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+
+def quantized_and_dense_twins():
+    """Tiny in float64 with its block layers quantized, and the same network with those layers as plain nn.Linear
+    holding the dequantized weights: the twin that an adapter must not tell apart."""
+    quantized, dense = Tiny(dtype=torch.float64), Tiny(dtype=torch.float64)
+    for block_q, block_d in zip(quantized.blocks, dense.blocks):
+        for name, child in list(block_q.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(block_q, name, Rounded(child))
+                with torch.no_grad():
+                    getattr(block_d, name).weight.copy_(getattr(block_q, name).dequantize())
+    return quantized, dense
+
+
+@pytest.mark.parametrize("method", ["unilora", "lora"])
+def test_a_quantized_base_is_adapted_exactly_like_its_dequantized_twin(tmp_path, method):
+    """Same P, same theta_d, same file: forward = dequantized W x + B A x, gradients, save/load, and merge into a
+    plain nn.Linear (never into the codes), all equal to the twin's in float64."""
+    quantized, dense = quantized_and_dense_twins()
+    apply = (lambda m: apply_unilora(m, 40, seed=2)) if method == "unilora" else (lambda m: apply_lora(m))
+    adapters = []
+    for model in (quantized, dense):
+        torch.manual_seed(0)  # LoRA's A draws from torch's generator
+        adapters.append(apply(model))
+        with torch.no_grad():
+            for param in adapters[-1].parameters():
+                param.copy_(torch.randn(param.shape, dtype=param.dtype, generator=torch.Generator().manual_seed(1)))
+    aq, ad = adapters
+    assert [n for n, _ in aq.layers()] == [n for n, _ in ad.layers()] and len(aq.layers()) == 9  # inp, 2 x 4
+    x = torch.randn(7, 5, dtype=torch.float64)
+    assert torch.equal(quantized(x), dense(x))
+    quantized(x).square().sum().backward()
+    dense(x).square().sum().backward()
+    for pq, pd in zip(aq.parameters(), ad.parameters()):
+        assert torch.equal(pq.grad, pd.grad)
+    if method == "unilora":  # the first block's query against the paper's P built by hand: W_deq h + b + B A h
+        names = [n for n, _ in aq.layers()]
+        theta_D = dense_P(aq) @ aq.theta_d.detach()
+        layer, start = quantized.blocks[0].query, 0
+        for name, m in aq.layers()[:names.index("blocks.0.query")]:
+            start += m.r * (m.in_features + m.out_features)
+        A, B = (t.detach() for t in layer.lora_factors())
+        assert torch.allclose(torch.cat([A.flatten(), B.flatten()]), theta_D[start:start + A.numel() + B.numel()],
+                              atol=1e-15)
+        h = torch.randn(3, 12, dtype=torch.float64)
+        assert torch.allclose(layer(h), h @ layer.base.dequantize().T + layer.base.bias + h @ A.T @ B.T, atol=1e-12)
+    path = tmp_path / "a.pt"
+    aq.save(str(path))
+    fresh, _ = quantized_and_dense_twins()
+    load_unilora(fresh, str(path)) if method == "unilora" else apply_lora(fresh).load(str(path))
+    assert torch.equal(fresh(x), quantized(x))
+    codes = {n: m.base.codes.clone() for n, m in aq.layers() if isinstance(m.base, Rounded)}
+    merged = aq.merge()
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in codes)  # plain layers, in the compute dtype
+    assert torch.allclose(merged(x), dense(x), atol=1e-12)
+    assert all(torch.equal(c, fresh.get_submodule(n).base.codes) for n, c in codes.items())  # codes untouched
+
+
+def test_a_quantized_class_that_does_not_declare_the_contract_is_refused_by_name():
+    class Packed(nn.Linear):  # e.g. another library's 4-bit layer: its own forward, no unilora_adaptable
+        def forward(self, x):
+            return super().forward(x)
+    model = Tiny()
+    model.blocks[0].query = Packed(12, 12)
+    with pytest.raises(ValueError, match="cannot adapt 'blocks.0.query': Packed replaces nn.Linear's forward"):
+        apply_unilora(model, 40)

@@ -176,7 +176,7 @@ class AdaptedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """W + B A, differentiable, in W's dtype: computed in at least fp32 with autocast off, rounded once."""
-        W, (A, B) = self.base.weight, self.lora_factors()
+        W, (A, B) = base_weight(self.base), self.lora_factors()
         dtype = torch.promote_types(torch.float32, W.dtype)
         with torch.autocast(W.device.type, enabled=False):
             return (W.to(dtype) + B.to(W.device, dtype) @ A.to(W.device, dtype)).to(W.dtype)
@@ -228,7 +228,8 @@ def apply_unilora(model: nn.Module, d: int, *, r: int = 4, targets: Targets = No
     P = (projection or balanced_projection)(sizes, d, seed, signs)
     # theta_d in fp32 beside a 16-bit base (optimizer state needs it), fp64 beside an fp64 base (exact tests); drawn
     # on the CPU like P, so the same seed gives the same start everywhere (seed + 1 keeps the two streams apart).
-    device, dtype = bases[0].weight.device, torch.promote_types(torch.float32, bases[0].weight.dtype)
+    device, dtype = base_device_dtype(bases[0])
+    dtype = torch.promote_types(torch.float32, dtype)
     theta = torch.empty(d, dtype=torch.float64).uniform_(-init_bound, init_bound,
                                                          generator=torch.Generator().manual_seed(seed + 1))
     shared = SharedVector(nn.Parameter(theta.to(device, dtype)), P.to(device), shapes)
@@ -282,8 +283,16 @@ class Adapter:
     def merge(self) -> nn.Module:
         """Fold dW = B A (in fp32 or wider, autocast off) into each base weight, put the plain nn.Linear back."""
         for name, layer in self.layers():
-            layer.base.weight.copy_(layer.weight)
-            _replace(self.root, name, layer.base)
+            if isinstance(layer.base, nn.Linear):
+                layer.base.weight.copy_(layer.weight)
+                _replace(self.root, name, layer.base)
+            else:  # a quantized base: into a plain nn.Linear in its compute dtype, never back into its codes
+                W, bias = layer.weight, layer.base.bias
+                plain = nn.Linear(layer.in_features, layer.out_features, bias is not None, W.device, W.dtype)
+                plain.weight.copy_(W)
+                if bias is not None:
+                    plain.bias.copy_(bias)
+                _replace(self.root, name, plain.requires_grad_(False))
         self.merged = True  # even if another adapter is applied at the same names later
         return self.root
 
@@ -429,7 +438,7 @@ def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0, keep:
     if adapted:
         raise ValueError(f"the model already has adapter layers (e.g. '{adapted[0]}'): adapters cannot be stacked. "
                          f"Call merge() on the existing adapter first, or start from a fresh model.")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if is_base(m)}
     examples = ", ".join(list(linears)[:6]) + (", ..." if len(linears) > 6 else "") or "(the model has none)"
     kept = {n: next((k for k in keep if (n + ".").startswith(k + ".")), None) for n in linears}
     if targets is None:
@@ -463,6 +472,8 @@ def find_targets(model: nn.Module, targets: Targets, dropout: float = 0.0, keep:
 def _why_not_adaptable(model: nn.Module, name: str, users: dict, dropout: float) -> str | None:
     """Why W x + B A x would not be what this layer computes, or merge() could not fold B A into W; None if fine."""
     module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):  # a quantized base that declares itself adaptable (is_base)
+        return None
     if type(module).forward is not nn.Linear.forward:
         return (f"{type(module).__name__} replaces nn.Linear's forward (a quantized or otherwise special layer), so "
                 f"W x + B A x is not what it computes")
@@ -476,6 +487,26 @@ def _why_not_adaptable(model: nn.Module, name: str, users: dict, dropout: float)
         return ("nn.MultiheadAttention reads out_proj.weight without calling the layer, so dropout on its input "
                 "cannot apply; use dropout=0")
     return None
+
+
+def is_base(module: nn.Module) -> bool:
+    """What can be adapted: an nn.Linear, or a quantized layer whose class declares `unilora_adaptable = True` and
+    so promises forward(x) = F.linear(x, dequantize(), bias), with in_features, out_features, bias, compute_dtype
+    and a `codes` buffer (pretrained/nf4.py's NF4Linear). Other quantized classes are refused by name."""
+    return isinstance(module, nn.Linear) or getattr(type(module), "unilora_adaptable", False) is True
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """W of a base layer: an nn.Linear's weight, a quantized layer's dequantized weight (compute dtype)."""
+    return module.weight if isinstance(module, nn.Linear) else module.dequantize()
+
+
+def base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a base layer computes, in what dtype: its weight's, or a quantized layer's codes' device and compute
+    dtype (without dequantizing it)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.device, module.weight.dtype
+    return module.codes.device, module.compute_dtype
 
 
 def _has_suffix(name: str, suffix: str) -> bool:  # "query" is a suffix of "layer.0.query", not of "layer.0.xquery"
@@ -612,8 +643,8 @@ def _check_file_fits(path: str, config: dict, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for name, fan_in, fan_out in config["layers"]:
         m = modules.get(name)
-        if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (fan_in, fan_out):
-            found = f"{m.in_features} -> {m.out_features}" if isinstance(m, nn.Linear) else \
+        if not is_base(m) or (m.in_features, m.out_features) != (fan_in, fan_out):
+            found = f"{m.in_features} -> {m.out_features}" if is_base(m) else \
                 f"a {type(m).__name__}" if m is not None else "nothing"
             raise ValueError(f"{path} does not fit this model: layer '{name}' is {fan_in} -> {fan_out} in the file, "
                              f"this model has {found} there.")

@@ -6,6 +6,7 @@
   tokenizer.py  Tokenizer.from_pretrained(folder): tokenizer.json read exactly as `tokenizers` reads it
   encoder.py    BERT / RoBERTa returning hidden states                  (Encoder.from_pretrained)
   decoder.py    Llama / Mistral / Qwen2 / SmolLM / Gemma with a KV cache (CausalLM.from_pretrained)
+  nf4.py        NF4Linear: QLoRA's 4-bit NormalFloat weights in pure torch (CausalLM.from_pretrained(quantize="nf4"))
   peft.py       save_peft_lora: a trained adapter as a PEFT LoRA folder for the transformers model
 
 Module and parameter names are Hugging Face's, so adapters target the usual names and exported weights line up.

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import (ACTIVATIONS, as_dtype, build_on_meta, config_value, embedding, head_count_check, load_config,
-                    load_state_dict, load_weights, shown)
+from .files import (ACTIVATIONS, as_dtype, build_on_meta, check_fits, config_value, embedding, head_count_check,
+                    load_config, load_state_dict, load_weights, load_weights_one_by_one, shown, stream_state_dict)
 from .hub import resolve
+from .nf4 import quantize_model
 
 DECODER_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -282,10 +283,19 @@ class CausalLM(nn.Module):
         return torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, quantize=None):
+        """The model of a folder or hub id, its weights in `dtype`. quantize="nf4": QLoRA's 4-bit base (nf4.py):
+        the linear layers of the blocks become NF4Linear layers computing in `dtype`, the embeddings, norms and
+        lm_head stay in `dtype`; each weight is quantized as it is read, so loading holds the 4-bit model and one
+        checkpoint tensor, never the full-precision model. The result equals quantize_model(nf4.py) applied to the
+        model loaded in `dtype`, bit for bit."""
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={quantize!r} is not supported; use None (the weights in dtype) or 'nf4'")
         folder = resolve(name_or_path)
         config = load_config(folder, decoder_settings)  # a bad config is reported before any weights are read
         model = build_on_meta(cls, config, folder)
+        if quantize == "nf4":
+            return load_nf4(model, folder, as_dtype(dtype)).eval()
         sd = load_state_dict(folder)
         if model.tied:  # the checkpoint usually omits lm_head; tied means it is the embedding, whatever a file says
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
@@ -295,3 +305,19 @@ class CausalLM(nn.Module):
         if model.tied:  # loading with assign=True replaced the embedding Parameter: share it again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+
+def load_nf4(model: CausalLM, folder, dtype) -> CausalLM:
+    """from_pretrained(quantize="nf4") for a model built on the meta device: names and shapes checked from the file
+    headers, the block linears replaced by empty NF4Linear shells, then the tensors read and placed one at a time."""
+    shapes, tensors = stream_state_dict(folder)
+    head = "model.embed_tokens.weight"
+    if model.tied:  # as from_pretrained: the head is the embedding, whatever the file says
+        shapes.pop("lm_head.weight", None)
+        shapes.update({"lm_head.weight": shapes[head]} if head in shapes else {})
+    check_fits(model, shapes, folder)
+    quantize_model(model, dtype)  # lm_head is kept: QLoRA quantizes the blocks only
+    load_weights_one_by_one(model, tensors, dtype, skip={"lm_head.weight"} if model.tied else ())
+    if model.tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model

@@ -6,6 +6,7 @@ loading half of `transformers` would give. Every name, size and offset read from
 used: a crafted checkpoint or index ends in a ValueError naming the file, never in a huge allocation, a write
 outside the model folder or code run by an unpickler.
 """
+import itertools
 import json
 import math
 import os
@@ -275,29 +276,53 @@ def _tensor_entry(name, info, path, data_size) -> tuple:
     return begin, end, SAFETENSORS_DTYPES[dtype], shape
 
 
+def _safetensors_entries(f, path) -> tuple[int, list]:
+    """(where the data starts, [((begin, end, dtype, shape), name)] in file order) of an open safetensors file: the
+    whole header checked (every entry, no overlaps) before any tensor is read."""
+    file_size = os.fstat(f.fileno()).st_size
+    n, header = _safetensors_header(f, path, file_size)
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise ValueError(f"{path}: __metadata__ in the safetensors header is not an object")
+    entries = sorted(((_tensor_entry(name, info, path, file_size - 8 - n), name) for name, info in header.items()),
+                     key=lambda e: e[0][:2])
+    for ((_, end, _, _), name), ((begin, _, _, _), other) in zip(entries, entries[1:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the data section")
+    return 8 + n, entries
+
+
+def safetensors_shapes(path) -> dict:
+    """{name: shape} of a .safetensors file, from its checked header alone: no tensor is read."""
+    with open(path, "rb") as f:
+        return {name: torch.Size(shape) for (_, _, _, shape), name in _safetensors_entries(f, Path(path))[1]}
+
+
+def iter_safetensors(path):
+    """(name, tensor) of a .safetensors file one at a time, in file order: a caller that drops each tensor once used
+    holds one at a time, never the file (loading into 4 bits). Every malformed file raises a ValueError naming it,
+    before any tensor memory is allocated."""
+    assert sys.byteorder == "little", "safetensors data is little-endian; big-endian hosts are not supported"
+    path = Path(path)
+    with open(path, "rb") as f:
+        start, entries = _safetensors_entries(f, path)
+        for (begin, end, dtype, shape), name in entries:  # in file order: one sequential read
+            f.seek(start + begin)
+            yield name, _read_tensor(f, end - begin, dtype, shape, f"{path} is truncated (tensor {name!r})")
+
+
+def _read_tensor(f, nbytes, dtype, shape, truncated) -> torch.Tensor:
+    """The next nbytes of f as a tensor. A function of its own, so that the generator above keeps no reference to
+    the tensor it handed out: dropped by the caller, its memory is freed before the next one is read."""
+    buf = bytearray(nbytes)  # one writable buffer per tensor: tensors own their memory, no warning
+    if f.readinto(buf) != len(buf):
+        raise ValueError(f"{truncated}; download it again")
+    return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+
+
 def load_safetensors(path) -> dict:
     """Read a .safetensors file: u64 little-endian header size, a JSON header, then raw little-endian tensor bytes.
     Every malformed file raises a ValueError naming it, before any tensor memory is allocated."""
-    assert sys.byteorder == "little", "safetensors data is little-endian; big-endian hosts are not supported"
-    path, tensors = Path(path), {}
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        n, header = _safetensors_header(f, path, file_size)
-        if not isinstance(header.pop("__metadata__", {}), dict):
-            raise ValueError(f"{path}: __metadata__ in the safetensors header is not an object")
-        entries = sorted(((_tensor_entry(name, info, path, file_size - 8 - n), name) for name, info in header.items()),
-                         key=lambda e: e[0][:2])
-        for ((_, end, _, _), name), ((begin, _, _, _), other) in zip(entries, entries[1:]):
-            if begin < end:
-                raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the data section")
-        for (begin, end, dtype, shape), name in entries:  # in file order: one sequential read
-            f.seek(8 + n + begin)
-            buf = bytearray(end - begin)  # one writable buffer per tensor: tensors own their memory, no warning
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"{path} is truncated (tensor {name!r}); download it again")
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            tensors[name] = t.reshape(shape)
-    return tensors
+    return dict(iter_safetensors(path))
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
@@ -348,42 +373,79 @@ def load_bin(path) -> dict:
     return sd
 
 
+def stream_state_dict(folder) -> tuple[dict, object]:
+    """The weights of a checkpoint folder one at a time: ({name: shape} of every tensor, read from the headers
+    alone, and an iterator of (name, tensor) pairs that reads them in file order). Holding only the tensor in hand,
+    a caller checks the names and shapes first, then loads tensor by tensor. The files and checks of
+    load_state_dict: model.safetensors, a sharded safetensors index, or pytorch_model.bin (a pickle, read whole)."""
+    folder = Path(folder)
+    index, weight_map = folder / "model.safetensors.index.json", {}
+    if (folder / "model.safetensors").is_file():
+        paths = [folder / "model.safetensors"]
+    elif index.is_file():
+        weight_map = read_index(index)
+        paths = [folder / shard for shard in sorted(set(weight_map.values()))]
+    elif (folder / "pytorch_model.bin").is_file():
+        sd = load_bin(folder / "pytorch_model.bin")
+        return {name: t.shape for name, t in sd.items()}, iter(sd.items())
+    else:
+        raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
+                                "with its shards, or pytorch_model.bin")
+    shapes = {}
+    for path in paths:
+        tensors = safetensors_shapes(path)
+        if twice := sorted(shapes.keys() & tensors.keys()):
+            raise ValueError(f"{path} holds tensors another shard of {index} holds too: {twice[:5]}")
+        shapes.update(tensors)
+    if missing := sorted(set(weight_map) - set(shapes)):
+        raise ValueError(f"{index} lists tensors that no shard holds: {missing[:5]}")
+    return shapes, itertools.chain.from_iterable(map(iter_safetensors, paths))  # keeps no tensor it handed out
+
+
 def load_state_dict(folder) -> dict:
     """All weights of a checkpoint folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return load_safetensors(folder / "model.safetensors")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map, sd = read_index(index), {}
-        for shard in sorted(set(weight_map.values())):
-            tensors = load_safetensors(folder / shard)
-            if twice := sorted(sd.keys() & tensors.keys()):
-                raise ValueError(f"{folder / shard} holds tensors another shard of {index} holds too: {twice[:5]}")
-            sd.update(tensors)
-        if missing := sorted(set(weight_map) - set(sd)):
-            raise ValueError(f"{index} lists tensors that no shard holds: {missing[:5]}")
-        return sd
-    if (folder / "pytorch_model.bin").is_file():
-        return load_bin(folder / "pytorch_model.bin")
-    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json "
-                            "with its shards, or pytorch_model.bin")
+    return dict(stream_state_dict(folder)[1])
+
+
+def derived(name: str) -> bool:
+    """Buffers a checkpoint may hold that the models compute themselves: never loaded."""
+    return name.endswith(("position_ids", "rotary_emb.inv_freq"))
+
+
+def check_fits(model: nn.Module, shapes: dict, folder):
+    """The checks of a strict load, from names and shapes alone: every parameter of the model (built on the meta
+    device) must come from the checkpoint, in the shape config.json implies, and nothing else may be there."""
+    shapes = {k: v for k, v in shapes.items() if not derived(k)}
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint in {folder} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}. Is it the right model folder?")
+    for name, t in expected.items():
+        if shapes[name] != t.shape:
+            raise ValueError(f"checkpoint in {folder}: {name} has shape {tuple(shapes[name])}, its config.json "
+                             f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
 
 
 def load_weights(model: nn.Module, sd: dict, dtype, folder):
     """Strict load into a model built on the meta device: every parameter must come from the checkpoint, in the
     shape config.json implies."""
-    sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "rotary_emb.inv_freq"))}  # derived buffers
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint in {folder} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
-                         f"unexpected keys {unexpected[:10]}. Is it the right model folder?")
-    for name, t in expected.items():
-        if sd[name].shape != t.shape:
-            raise ValueError(f"checkpoint in {folder}: {name} has shape {tuple(sd[name].shape)}, its config.json "
-                             f"implies {tuple(t.shape)}; the weights and config.json do not belong together")
+    sd = {k: v for k, v in sd.items() if not derived(k)}
+    check_fits(model, {k: v.shape for k, v in sd.items()}, folder)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+
+
+def load_weights_one_by_one(model: nn.Module, tensors, dtype, skip=()):
+    """load_weights for (name, tensor) pairs read one at a time (stream_state_dict), after check_fits: each tensor
+    but those named in `skip` is put into its module (floating ones cast to dtype, assigned, as load_weights does)
+    and dropped, so loading holds the model and one checkpoint tensor. A module may turn what it is given into its
+    own state: NF4Linear quantizes a full-precision weight as it loads it."""
+    for name, t in tensors:
+        if not derived(name) and name not in skip:
+            module, _, key = name.rpartition(".")
+            t = t.to(dtype) if t.is_floating_point() else t
+            model.get_submodule(module).load_state_dict({key: t}, strict=False, assign=True)
+        del t  # before the next tensor is read
 
 
 def build_on_meta(cls, config, folder, **kwargs):

@@ -1,6 +1,6 @@
-"""Exact resume for train_math.py: what a checkpoint holds, the refusal to continue a run with other settings or
-from a damaged file, when a run folder may be resumed, and the data order that lets a resumed run see exactly the
-batches it had not yet seen.
+"""Exact resume for the causal-LM scripts (train_math.py, train_instruct.py, through recipes/causal_lm.py): what a
+checkpoint holds, the refusal to continue a run with other settings or from a damaged file, when a run folder may be
+resumed, and the data order that lets a resumed run see exactly the batches it had not yet seen.
 
 Why it exists: a long run is stopped (--stop_after, a job's time limit, Ctrl-C) and continued (--resume); the
 continued run must be the run that was never stopped. So a checkpoint holds every state that shapes the next step
@@ -51,15 +51,15 @@ def save_checkpoint(path, state: TrainingState, step: int) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def read_checkpoint(path, run_config):
-    """The checkpoint of this run, refused when any setting that shapes training differs."""
+def read_checkpoint(path, run_config, script):
+    """The checkpoint of this run (of `script`), refused when any setting that shapes training differs."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
         why = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
         raise UserError(f"{path} cannot be read as a checkpoint ({why}); {ANEW}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{path} is not a checkpoint written by train_math.py")
+        raise UserError(f"{path} is not a checkpoint written by {script}")
     changed, saved = [], ckpt["config"]
     for key, now in run_config.items():
         # checkpoints written before --projection existed trained Uni-LoRA's balanced P
@@ -225,7 +225,7 @@ def resume_command(run) -> str:
         skip = arg == "--hf_token"
     if run.args.output_dir is None:
         argv += ["--output_dir", str(run.folder)]
-    return shlex.join(["python", "train_math.py", *argv, "--resume"])
+    return shlex.join(["python", run.script.name, *argv, "--resume"])
 
 
 # ---------------------------------------------------------------------------------------------- the data order

@@ -1,9 +1,13 @@
-"""Decoding and scoring text with a causal LM: greedy generation with the KV cache (batches left-padded, stopping at
-the end token or a stop string), cut_at_stop, and the teacher-forced log-likelihood of a reference answer.
+"""Decoding and scoring text with a causal LM: generation with the KV cache (greedy, or seeded sampling at a
+temperature; batches left-padded, stopping at the end token or a stop string), cut_at_stop, and the teacher-forced
+log-likelihood of a reference answer.
 
-Why it exists: generation is the slow half of the math experiment and its rules are part of the protocol (which
-stops end a completion, how many tokens it may take), so they live apart from training, in one short file.
+Why it exists: generation is the slow half of the math experiment and of MT-Bench, and its rules are part of their
+protocols (which stops end a completion, how many tokens it may take, when to sample and at which temperature), so
+they live apart from training, in one short file.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -47,18 +51,47 @@ def cut_at_stop(text, stop):
     return text[:cut]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Drawing each token from softmax(logits / temperature) instead of taking the argmax, as transformers'
+    generate(do_sample=True) does: then top_k (0: off) and top_p (1: off) keep the likeliest tokens. Temperature 0 is
+    greedy decoding (FastChat's rule). Every row draws with its own generator seeded with `seed`, so a row's text
+    does not depend on the rows batched with it."""
+    temperature: float
+    seed: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def next_tokens(logits, sampling, generators):
+    """The next token of every row: the argmax (greedy), or a draw from the row's own generator."""
+    if sampling is None or sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = at_least_fp32(logits) / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if sampling.top_p < 1:  # the smallest set of likeliest tokens whose probabilities reach top_p
+        ranked, order = logits.sort(dim=-1, descending=True)
+        before = ranked.softmax(-1).cumsum(-1) - ranked.softmax(-1)  # the mass of the tokens ranked above
+        logits = logits.scatter(-1, order, ranked.masked_fill(before >= sampling.top_p, -torch.inf))
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
 @torch.no_grad()
-def generate(model, prompts, pad_id, end_id, max_new_tokens, stop, decode, device, autocast):
-    """Greedy decoding of a left-padded batch with the KV cache.  A row ends at the end token or as soon as its
-    recent text holds a stop string; returns (new token ids, why it ended) per row."""
+def generate(model, prompts, pad_id, end_id, max_new_tokens, stop, decode, device, autocast, sampling=None):
+    """Decoding of a left-padded batch with the KV cache: greedy, or `sampling` (a Sampling). A row ends at the end
+    token or as soon as its recent text holds a stop string; returns (new token ids, why it ended) per row."""
     ids, mask = pad(prompts, pad_id, left=True).to(device), pad([[1] * len(p) for p in prompts], 0, left=True)
     mask, cache = mask.to(device), KVCache()
     rows, why = [[] for _ in prompts], [None] * len(prompts)
     window = 4 * max(map(len, stop), default=0) + 4 * 8  # the last 8 tokens and a stop string, in bytes
+    generators = [torch.Generator(device).manual_seed(sampling.seed) for _ in prompts] if sampling else None
     with autocast():
         logits = model(ids, mask, cache, last_only=True)[:, -1]
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)
+        tokens = next_tokens(logits, sampling, generators)
         for i, t in enumerate(tokens.tolist()):
             if not why[i] and t == end_id:
                 why[i] = "eos"

@@ -12,7 +12,7 @@ def fake_rows(failing: bool):
     ratio = 1.5 if failing else 0.5
     return dict(llama_step_rows=lambda *a: bench.row("cpu", "train step", "a", "b", ratio, 1.0),
                 projection_rows=lambda *a: (4, 12), roberta_step_row=lambda *a: None,
-                adapter_file_bytes=lambda: 4 * 23040)
+                adapter_file_bytes=lambda: 4 * 23040, nf4_rows=lambda *a: None)
 
 
 @pytest.mark.parametrize("failing", [False, True])

@@ -273,3 +273,54 @@ def test_null_optional_keys_and_the_transformers_5_rope_spelling_load_as_before(
     v5["rope_parameters"] = dict(g["rope_scaling"], rope_theta=g["rope_theta"])
     model = decoder.CausalLM.from_pretrained(save_model(tmp_path / "llama3-v5", v5, gsd))
     torch.testing.assert_close(model(ids), decoder_reference(gsd, g, ids).float(), atol=2e-5, rtol=0)
+
+
+# --- loading into 4 bits (quantize="nf4", pretrained/nf4.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_nf4_loading_gives_the_model_of_its_dequantized_weights(tmp_path, name):
+    """Every decoder loads into 4 bits (biases, tied heads and Gemma's norms included): the blocks' linears become
+    NF4Linear layers, the rest stays as loaded, and the logits are the float64 reference's for the dequantized
+    weights."""
+    from pretrained.nf4 import NF4Linear
+    c, sd = DECODERS[name], decoder_weights(DECODERS[name])
+    model = decoder.CausalLM.from_pretrained(save_model(tmp_path, c, sd), quantize="nf4")
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert len(layers) == 7 * c["num_hidden_layers"] and all(k.startswith("model.layers.") for k in layers)
+    assert all(torch.equal(m.bias, sd[k[:-len("weight")] + "bias"]) for k, m in layers.items() if m.bias is not None)
+    dequantized = dict(sd, **{k: m.dequantize(torch.float64) for k, m in layers.items()})
+    ids, mask = torch.tensor([[5, 9, 13, 7, 22, 31], [0, 0, 11, 3, 44, 6]]), torch.tensor([[1] * 6, [0, 0] + [1] * 4])
+    with torch.no_grad():
+        out = model(ids, mask)[mask.bool()]
+    torch.testing.assert_close(out, decoder_reference(dequantized, c, ids, mask)[mask.bool()].float(), atol=2e-5,
+                               rtol=0)
+
+
+def test_nf4_loading_reads_every_checkpoint_format_alike(tmp_path, decoders):
+    """A sharded safetensors checkpoint and a pytorch_model.bin load into the same 4-bit model as model.safetensors,
+    and a checkpoint that does not fit is refused before anything is quantized, as the 16-bit load refuses it."""
+    import re
+
+    from references import write_by_hand
+    c, sd = DECODERS["llama-gqa-untied"], decoders["llama-gqa-untied"][1]
+    single = decoder.CausalLM.from_pretrained(save_model(tmp_path / "single", c, sd), quantize="nf4").state_dict()
+    sharded = tmp_path / "sharded"
+    save_model(sharded, c, {})
+    (sharded / "model.safetensors").unlink()
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[:9], "model-00002-of-00002.safetensors": names[9:]}
+    for shard, keys in shards.items():
+        write_by_hand(sharded / shard, {k: sd[k] for k in keys})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    for folder in (sharded, save_model(tmp_path / "bin", c, sd, fmt="bin")):
+        loaded = decoder.CausalLM.from_pretrained(folder, quantize="nf4").state_dict()
+        assert loaded.keys() == single.keys() and all(torch.equal(loaded[k], single[k]) for k in single)
+    wrong = dict(sd, **{"model.layers.1.self_attn.k_proj.weight": sd["model.layers.1.self_attn.k_proj.weight"].T})
+    folder = save_model(tmp_path / "shape", c, wrong)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: model.layers.1.self_attn.k_proj.weight has "
+                                         r"shape \(32, 16\), its config.json implies \(16, 32\)"):
+        decoder.CausalLM.from_pretrained(folder, quantize="nf4")
+    folder = save_model(tmp_path / "headless", c, {k: v for k, v in sd.items() if k != "lm_head.weight"})
+    with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):
+        decoder.CausalLM.from_pretrained(folder, quantize="nf4")

@@ -27,7 +27,7 @@ import torch
 import pretrained
 import train_math
 import unilora
-from recipes import generation, math_data
+from recipes import causal_lm, generation, math_data
 from recipes.generation import cut_at_stop
 from recipes.training import NonFiniteLoss, UserError
 from train_math import main
@@ -118,7 +118,7 @@ def base_args(tiny, out, *extra):
 
 
 def formatter(tiny, template="alpaca", protocol="official"):
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
     config = json.loads((Path(tiny["model"]) / "config.json").read_text())
     return math_data.Formatter(tok, template, tiny["model"], config, protocol=protocol)
 
@@ -182,7 +182,7 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_generation_stops_at_stop_strings_eos_and_budget(tiny):
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
     stop = math_data.PROTOCOLS["official"]["stop"]
     ramble = tok.encode("2 plus 3 is 5.\nThe answer is: 5\n\n### Instruction:\nWhat is 9 plus 9?" * 3).ids
     short = tok.encode(" 5").ids + [2] + tok.encode(" never read").ids
@@ -204,7 +204,7 @@ def contextlib_null():
 
 
 def test_left_padded_batches_generate_what_single_prompts_do(tiny):
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
     model = pretrained.CausalLM.from_pretrained(tiny["model"])
     prompts = [tok.encode(q).ids for q in ("What is 12 plus 30?", "What is 7 plus 8? Think.", "Hi")]
     batch, _ = generation.generate(model, prompts, 2, 2, 5, (), tok.decode, "cpu", contextlib_null)
@@ -396,7 +396,7 @@ def oracle_for(tok, answer):
 def test_gsm8k_scoring_with_an_oracle(tiny, tmp_path, monkeypatch):
     """Every other problem answered right: the accuracy must come out exact, answers back in file order, and a
     run-on into '### Instruction:' cut away before reading."""
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
 
     def answer(question):
         a, b = map(int, question.split("What is ")[1].split("?")[0].split(" plus "))
@@ -415,7 +415,7 @@ def test_score_grades_a_runs_predictions_and_hand_written_files(tiny, tmp_path, 
     """--score FILE: the run's own predictions.jsonl gives the run's numbers again without a model; a hand-written
     file of completions and references in every accepted form gives the counts worked out by hand; lines without
     references take them from --eval_data; the output is one line per reader."""
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
     monkeypatch.setattr(train_math, "generate", oracle_for(tok, lambda q: " The answer is: 20"))
     run = main(base_args(tiny, tmp_path / "run", "--method", "none", "--max_eval_samples", "6"))["after"]
     again = main(["--score", str(tmp_path / "run" / "predictions.jsonl"), "--eval_data", "gsm8k"])["after"]
@@ -464,7 +464,7 @@ def test_score_refuses_what_it_would_ignore(tiny, tmp_path, monkeypatch):
 
 
 def test_math_scoring_by_level_and_subject(tiny, tmp_path, monkeypatch):
-    tok = train_math.Tokenizer.from_pretrained(tiny["model"])
+    tok = pretrained.Tokenizer.from_pretrained(tiny["model"])
     problems = [("What is $1+1$?", "$\\boxed{2}$", "Level 1", "Algebra", " The answer is: 2"),
                 ("Half of one?", "$\\boxed{\\frac{1}{2}}$", "Level 2", "Algebra", " The answer is: 1/2"),
                 ("Angle?", "$\\boxed{90^\\circ}$", "Level 2", "Geometry", " The answer is: 90"),
@@ -697,7 +697,7 @@ def test_batch_loss_against_a_hand_computation(tiny, loss):
     args = argparse.Namespace(micro_batch_size=2, pad_id=0, loss=loss)
     run = argparse.Namespace(args=args, ranks=Ranks(), device=torch.device("cpu"), autocast=contextlib.nullcontext,
                              scaler=torch.amp.GradScaler("cpu", enabled=False))
-    got = train_math.backward(run, model, train, [0, 1, 2])
+    got = causal_lm.backward(run, model, train, [0, 1, 2])
     grad, adapter.theta_d.grad = adapter.theta_d.grad.clone(), None
 
     per_example, token_sum = [], 0.0
@@ -761,14 +761,13 @@ def test_two_runs_on_one_folder_never_mix(tiny, tmp_path):
 
 def interrupt_at(monkeypatch, step):
     """Ctrl-C during optimiser step `step` (before anything of it is logged or saved)."""
-    from recipes import training
-    real = training.optimizer_step
+    real = causal_lm.optimizer_step
 
     def step_or_interrupt(*args, **kwargs):
         if args[3] == step:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(training, "optimizer_step", step_or_interrupt)  # what the script imports when it runs
+    monkeypatch.setattr(causal_lm, "optimizer_step", step_or_interrupt)  # what the shared loop calls
 
 
 def test_a_failed_or_interrupted_run_blocks_no_retry_and_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch,
