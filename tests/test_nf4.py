@@ -382,3 +382,37 @@ def test_bad_input_is_one_line_naming_the_problem(call, message):
     with pytest.raises(ValueError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+def test_uni_lora_on_a_4_bit_llama_saves_loads_and_exports_to_peft(llama, tmp_path):
+    """Uni-LoRA on the NF4 model: theta_d fp32, every NF4 block layer adapted, the file reloads into a fresh 4-bit
+    model with the same logits, and the PEFT export holds each layer's (A, B) as lora_state_dict gives them."""
+    import json
+    import unilora
+    from pretrained import peft
+    from references import parse_by_hand
+    _, _, folder = llama
+    model = decoder.CausalLM.from_pretrained(folder, quantize="nf4")
+    adapter = unilora.apply_unilora(model, 256, seed=3)
+    names = [n for n, m in model.named_modules() if isinstance(getattr(m, "base", None), NF4Linear)]
+    assert names == [n for n, _ in adapter.layers()] and len(names) > 0 and adapter.theta_d.dtype == torch.float32
+    with torch.no_grad():
+        adapter.theta_d.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    adapter.refresh()
+    ids = torch.tensor([[5, 9, 13, 7, 22, 31]])
+    with torch.no_grad():
+        logits = model(ids)
+    adapter.save(str(tmp_path / "a.pt"))
+    fresh = decoder.CausalLM.from_pretrained(folder, quantize="nf4")
+    unilora.load_unilora(fresh, str(tmp_path / "a.pt"))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), logits)
+    peft.save_peft_lora(adapter, tmp_path / "peft", base_model_name_or_path="tiny")
+    tensors, _, _ = parse_by_hand(tmp_path / "peft/adapter_model.safetensors")
+    factors = adapter.lora_state_dict()
+    assert len(tensors) == 2 * len(factors)
+    for name, (A, B) in factors.items():
+        key = next(k for k in tensors if k.endswith(f"{name}.lora_A.weight"))
+        assert torch.equal(torch.from_numpy(tensors[key][1].copy()), A.float())
+        assert torch.equal(torch.from_numpy(tensors[key.replace("lora_A", "lora_B")][1].copy()), B.float())
+    assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["r"] == 4
