@@ -287,12 +287,11 @@ class Adapter:
                 layer.base.weight.copy_(layer.weight)
                 _replace(self.root, name, layer.base)
             else:  # a quantized base: into a plain nn.Linear in its compute dtype, never back into its codes
-                W, bias = layer.weight, layer.base.bias
-                plain = nn.Linear(layer.in_features, layer.out_features, bias is not None, W.device, W.dtype)
+                W = layer.weight
+                plain = nn.Linear(layer.in_features, layer.out_features, False, W.device, W.dtype).requires_grad_(False)
                 plain.weight.copy_(W)
-                if bias is not None:
-                    plain.bias.copy_(bias)
-                _replace(self.root, name, plain.requires_grad_(False))
+                plain.bias = layer.base.bias  # already frozen, in the compute dtype
+                _replace(self.root, name, plain)
         self.merged = True  # even if another adapter is applied at the same names later
         return self.root
 
