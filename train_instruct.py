@@ -45,6 +45,8 @@ instruction_tuning/qlora_unilora.py (QLoRA's script with Uni-LoRA in the authors
                                                       --optim paged_adamw_32bit (AdamW; paging saves memory)
   gradient clipping             --grad_clip 0.3       7b.sh: --max_grad_norm 0.3
   weight decay                  --weight_decay 0      7b.sh: --weight_decay 0.0
+  batches of similar lengths    --group_by_length     7b.sh: --group_by_length
+  activations recomputed        --gradient_checkpointing  7b.sh: --gradient_checkpointing
   seeds                         --seed 0              7b.sh: --seed 0 (P, theta_d)
                                 --data_seed 42        7b.sh: --data_seed 42 (the data order)
   held-out set                  --eval_size 1024      13b.sh: --eval_dataset_size 1024 --max_eval_samples 1000
@@ -53,11 +55,13 @@ instruction_tuning/qlora_unilora.py (QLoRA's script with Uni-LoRA in the authors
 --recipe paper13b is finetune_llama2_13b_unilora.sh: --model meta-llama/Llama-2-13b-hf, --num_vectors 4096 so
 d = 1,048,576, everything else the same (its --learning_rate_vector_bank 0.0008 is 8e-4). The 7B script evaluates
 nothing (--evaluation_strategy no) and so trains on all 51,760 records; the recipes hold out 1,024 as the 13B
-script does, for the log-likelihood (--eval_size 0 trains on all, as the 7B run). Not reproduced: which examples
-share a batch (the official --group_by_length sampler and transformers' shuffling; here numpy
-default_rng([data_seed, epoch])), the last partial batch (dropped here), gradient checkpointing and the paged
-optimiser (memory only), and the [PAD] token the official code adds to Llama's vocabulary (a 32,001st logit, its
-embedding the mean of the others: every softmax has one more, small, term). The official source cut of 16 tokens
+script does, for the log-likelihood (--eval_size 0 trains on all, as the 7B run). Also as the official run:
+--group_by_length (its sampler's rule on our seeded shuffle: megabatches of 50 batches sorted by characters of prompt
++ output, the longest first), --gradient_checkpointing, and the [PAD] token it adds when the tokenizer has none
+(Llama-2: id 32,000, embedding and lm_head rows the mean of the others). Not reproduced: transformers' own shuffle
+(torch's global RNG; here numpy default_rng([data_seed, epoch])), the last partial batch (dropped here), and the
+paged optimiser (CUDA unified memory for AdamW's state; the same AdamW numbers, here 8 MB of state, nothing to page).
+The official source cut of 16 tokens
 keeps BOS and the start of the prompt's preamble, never the instruction: that is the official run, reproduced
 (docs/instruct.md).
 
@@ -72,6 +76,9 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import torch
+import torch.nn as nn
 
 from projections import PROJECTIONS
 from recipes.causal_lm import (LOSSES, SavedRun, Script, adapt_and_train, add_machine_flags, add_precision_flags,
@@ -90,13 +97,14 @@ from recipes.training import (Parser, UserError, choice, data_parallel_until_don
 # Recipes.  Every flag left unset on the command line takes its value from the chosen recipe.
 
 OFFICIAL = dict(train_data="alpaca-clean", source_max_len=16, target_max_len=512, epochs=1, batch_size=16,
-                micro_batch_size=4, r=4, warmup_ratio=0.1, seed=0, data_seed=42, loss="micro")
+                micro_batch_size=4, r=4, warmup_ratio=0.1, seed=0, data_seed=42, loss="micro", group_by_length=True,
+                gradient_checkpointing=True)
 RECIPES = {
     # Runs on a laptop CPU: SmolLM2-135M-Instruct (a LlamaForCausalLM, Apache-2.0, ungated) in full precision,
     # 320 Alpaca examples (20 steps), 64 held out; d = 2^16 as in train_math's small recipe (D is 1.22M).
     "small": OFFICIAL | dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", quantize="none", max_train_samples=320,
                              eval_size=64, max_eval_samples="all", d=65536, dtype="auto", amp="auto",
-                             eval_batch_size=8, save_every=10),
+                             eval_batch_size=8, save_every=10, gradient_checkpointing=False),  # no memory to save
     # The official 7B run (the recipe table above).
     "paper": OFFICIAL | dict(model="meta-llama/Llama-2-7b-hf", quantize="nf4", max_train_samples="all",
                              eval_size=1024, max_eval_samples=1000, d=524_288, dtype="bfloat16", amp="bf16",
@@ -113,7 +121,7 @@ PER_METHOD = {"lora": dict(r=64, lora_alpha=32.0)}
 RESUME_KEYS = ("method", "model", "quantize", "train_data", "train_sha256", "max_train_samples", "eval_size",
                "source_max_len", "target_max_len", "epochs", "max_steps", "batch_size", "lr", "warmup_ratio",
                "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs", "projection", "dropout", "seed",
-               "data_seed", "dtype", "amp", "loss", "n_train")
+               "data_seed", "dtype", "amp", "loss", "group_by_length", "n_train")
 # What this script is to the shared loop (recipes/causal_lm.py): the linear schedule, the data order by --data_seed.
 SCRIPT = Script(name="train_instruct.py", folder="instruct", resume_keys=RESUME_KEYS, decay="linear",
                 data_seed="data_seed")
@@ -149,7 +157,7 @@ def train_and_evaluate(run):
     args, ranks = run.args, run.ranks
     # model, the official collator (the prompts, the source and target cuts), the sampling settings
     tok, model, collator, generation_config = main_first(ranks, load_model, args, run.device)
-    args.pad_id = tok.pad_id if tok.pad_id is not None else collator.end_id
+    args.pad_id = tok.pad_id if tok.pad_id is not None else add_pad_token(model, tok)
     # data: the training examples (and the checkpoint they continue), the held-out ones, MT-Bench's questions
     train, held_out = main_first(ranks, load_examples, args, collator, ranks)
     ckpt = read_run_checkpoint(run, train)
@@ -266,6 +274,27 @@ def load_model(args, device):
           f"weights {args.dtype}{' (linear layers nf4)' if args.quantize == 'nf4' else ''}, autocast {args.amp}; "
           f"Alpaca prompts, sources cut to {args.source_max_len} tokens, targets to {args.target_max_len}")
     return tok, model, collator, read_generation_config(model_dir)
+
+
+def add_pad_token(model, tok):
+    """The official [PAD] (qlora_unilora.py: smart_tokenizer_and_embedding_resize, when the tokenizer has no pad
+    token, as Llama-2's has none): a new id, the tokenizer's size, and a row for it in the embeddings and lm_head,
+    each the mean of the tokenizer's rows (resize_token_embeddings keeps exactly the tokenizer's rows before it).
+    Padding is masked and never a label, so the row changes one thing: every softmax has one more, small, term.
+    Returns the new id."""
+    new = tok.vocab_size
+
+    def grown(weight):
+        kept = weight.detach()[:new]
+        mean = kept.mean(0, keepdim=True, dtype=torch.promote_types(kept.dtype, torch.float32))  # bf16: in fp32
+        return nn.Parameter(torch.cat([kept, mean.to(kept.dtype)]), requires_grad=False)
+    embed = model.model.embed_tokens
+    embed.weight, embed.num_embeddings = grown(embed.weight), new + 1
+    model.lm_head.weight = embed.weight if model.tied else grown(model.lm_head.weight)
+    model.lm_head.out_features = new + 1
+    print(f"the tokenizer has no pad token: [PAD] added as id {new}, its embedding and lm_head rows the mean of the "
+          f"others (as the official run)")
+    return new
 
 
 # ----------------------------------------------------------------------------------------------------------

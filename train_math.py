@@ -88,7 +88,7 @@ DEFAULT_LR = {"unilora": 2e-3, "lora": 5e-4}
 RESUME_KEYS = ("method", "model", "train_data", "train_sha256", "max_train_samples", "prompt_field",
                "response_field", "template", "system_prompt", "protocol", "max_length", "epochs", "max_steps",
                "batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip", "d", "r", "lora_alpha", "signs",
-               "projection", "dropout", "seed", "dtype", "amp", "loss", "n_train")
+               "projection", "dropout", "seed", "dtype", "amp", "loss", "group_by_length", "n_train")
 # What this script is to the shared loop (recipes/causal_lm.py): the cosine schedule, the data order seeded by --seed.
 SCRIPT = Script(name="train_math.py", folder="math", resume_keys=RESUME_KEYS, decay="cosine", data_seed="seed")
 # What --eval_only --load takes from the saved run (the model it was trained on, how it was prompted).

@@ -7,6 +7,7 @@ Hugging Face's (`model.layers.0.self_attn.q_proj`, `lm_head`). Outputs were chec
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -224,6 +225,9 @@ class CausalLM(nn.Module):
         self.tied = s["tie_word_embeddings"]  # transformers' defaults: Gemma tied, the others not
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # True: in training, each layer's activations are recomputed in the backward instead of kept (QLoRA's
+        # setting: a 7B model's activations no longer grow with the layers, for about one more forward of compute)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
         """attention_mask covers cached and new tokens (B, past + T). last_only: logits of the last position only
@@ -253,8 +257,12 @@ class CausalLM(nn.Module):
         # the softmax NaN, and 0 * NaN reaches the real rows. Letting it see itself keeps every row finite.
         allowed |= k_idx == q_idx
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask[:, None], cache, i)
+            if recompute:  # the recomputation replays the same dropout masks (checkpoint restores the RNG state)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask[:, None], None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask[:, None], cache, i)
         x = self.model.norm(x)
         return self.lm_head(x[:, -1:] if last_only else x)
 

@@ -10,14 +10,14 @@ The scheme, for a weight W (out x in) read row-major in blocks of 64 weights:
   2. each value is rounded to the nearest of the 16 NF4 codes (NF4_CODES); its index takes 4 bits, two per byte;
   3. double quantisation: the fp32 absmax of every block (32 bits per 64 weights: 0.5 bit per weight) is itself
      quantised. Their mean is subtracted first (they are all positive; centred, a symmetric code uses all of its
-     levels), then each group of 256 is stored as 8-bit integers with one fp32 scale, the group's largest |value|.
+     levels), then each group of 256 is stored as 8-bit floats (DYNAMIC_MAP) scaled by the group's largest |value|.
 Cost per weight: 4 + 8/64 + 32/(64*256) bits = 4.127 bits, 0.516 bytes (and 4 bytes per layer for the mean).
 The weight is rebuilt as code[index] * absmax, in fp32, rounded once to the compute dtype, in every forward (and
 again in the backward): a full-precision copy of the weight never stays in memory.
 
-One deviation, for readability: QLoRA stores the second level as 8-bit floats (bitsandbytes' dynamic 8-bit map);
-this file uses a linear 8-bit code, q = round(127 x / scale), whose error is at most half a step (scale / 254) per
-absmax: the same bytes, a simpler rule.
+The 8-bit floats are QLoRA's: bitsandbytes' signed dynamic map (Dettmers et al. 2022, "8-bit Optimizers via
+Block-wise Quantization"). After the sign bit, z zero bits give a decimal exponent 10^-z (z <= 6), a one bit ends
+them, and the 6 - z bits left are a linear fraction: the steps grow with |value|, from 5.5e-7 near 0 to 0.014 near 1.
 """
 import functools
 from dataclasses import dataclass
@@ -41,6 +41,12 @@ NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
              1.0)
+# bitsandbytes' create_dynamic_map(signed=True) from its definition: for i = 6 - z = 0..6 fraction bits, the 2^i
+# midpoints of linspace(0.1, 1, 2^i + 1) times 10^(i - 6), of both signs; and 0 and 1. 256 sorted values, computed
+# in float32 as bitsandbytes computes them, so that they are its values to the bit.
+DYNAMIC_MAP = tuple(sorted([0.0, 1.0] + [v for i in range(7) for m in [torch.linspace(0.1, 1, 2**i + 1)]
+                                         for v in ((m[1:] + m[:-1]) / 2 * 10.0 ** (i - 6)).tolist()
+                                         for v in (v, -v)]))
 STATE = ("codes", "absmax_codes", "absmax_scales", "absmax_mean")  # NF4Weight's tensors, NF4Linear's buffers
 
 
@@ -48,7 +54,7 @@ STATE = ("codes", "absmax_codes", "absmax_scales", "absmax_mean")  # NF4Weight's
 class NF4Weight:
     """A weight in NF4: the tensors NF4Linear keeps as buffers, and the weight's (out, in) shape."""
     codes: torch.Tensor  # uint8 (blocks * 32,): two 4-bit indices into NF4_CODES per byte, the first in the high nibble
-    absmax_codes: torch.Tensor  # int8 (blocks,): round(127 (absmax - mean) / scale of its group of 256)
+    absmax_codes: torch.Tensor  # uint8 (blocks,): the index in DYNAMIC_MAP nearest (absmax - mean) / its group's scale
     absmax_scales: torch.Tensor  # fp32 (ceil(blocks / 256),): the largest |absmax - mean| of each group of 256
     absmax_mean: torch.Tensor  # fp32 (): the mean absmax
     shape: tuple
@@ -72,24 +78,25 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
         raise ValueError("the weight holds NaN or infinite values; they cannot be quantized")
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # an all-zero block stays 0
     # The nearest code: the number of midpoints between neighbouring codes below the value (a tie goes down).
-    index = torch.bucketize(scaled, _midpoints(scaled.device), out_int32=True)
+    index = torch.bucketize(scaled, _levels(NF4_CODES, scaled.device)[1], out_int32=True)
     codes = (index[:, 0::2] << 4 | index[:, 1::2]).to(torch.uint8).flatten()
     return NF4Weight(codes, *quantize_absmax(absmax), tuple(weight.shape))
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """QLoRA's double quantisation: (int8 codes, an fp32 scale per group of 256, the fp32 mean)."""
+    """QLoRA's double quantisation: (uint8 indices into DYNAMIC_MAP, an fp32 scale per group of 256, the fp32 mean)."""
     mean = absmax.mean()
     centred = _padded(absmax - mean, ABSMAX_BLOCK)
     scales = centred.abs().amax(1)
-    steps = torch.round(centred / scales.clamp_min(torch.finfo(torch.float32).tiny)[:, None] * 127)
-    return steps.to(torch.int8).flatten()[:absmax.numel()], scales, mean
+    scaled = centred / scales.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]; a zero group stays 0
+    index = torch.bucketize(scaled, _levels(DYNAMIC_MAP, absmax.device)[1], out_int32=True)  # the nearest value
+    return index.to(torch.uint8).flatten()[:absmax.numel()], scales, mean
 
 
 def dequantize_absmax(q: NF4Weight) -> torch.Tensor:
-    """Every block's absmax (fp32), from its 8-bit code: within scale / 254 of the true value."""
-    steps = (q.absmax_scales / 127).repeat_interleave(ABSMAX_BLOCK)[:q.absmax_codes.numel()]
-    return q.absmax_codes.float() * steps + q.absmax_mean
+    """Every block's absmax (fp32), map[index] * scale + mean: off by at most half a gap of the map, times scale."""
+    scales = q.absmax_scales.repeat_interleave(ABSMAX_BLOCK)[:q.absmax_codes.numel()]
+    return _levels(DYNAMIC_MAP, q.absmax_codes.device)[0][q.absmax_codes.long()] * scales + q.absmax_mean
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -101,9 +108,10 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Te
 
 
 @functools.lru_cache(maxsize=None)
-def _midpoints(device: torch.device) -> torch.Tensor:
-    codes = torch.tensor(NF4_CODES, device=device)
-    return (codes[1:] + codes[:-1]) / 2
+def _levels(codes: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sorted code's values (fp32) and the midpoints between neighbours, for torch.bucketize."""
+    values = torch.tensor(codes, device=device)
+    return values, (values[1:] + values[:-1]) / 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +162,7 @@ class _DequantizedLinear(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4: forward(x) = F.linear(x, self.dequantize(x.dtype), self.bias).
 
-    Buffers: `codes` (uint8) and the double-quantised absmax (`absmax_codes` int8, `absmax_scales` and
+    Buffers: `codes` (uint8) and the double-quantised absmax (`absmax_codes` uint8, `absmax_scales` and
     `absmax_mean` fp32); `bias` is a frozen nn.Parameter (or None) in `compute_dtype`. model.to(device) moves them
     all; model.to(dtype) (and .half(), .bfloat16()) casts the bias and sets compute_dtype, never the quantisation
     state: the codes are integers, and the fp32 scales are kept fp32 (rounded to 16 bits they would move every
@@ -174,7 +182,7 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         blocks = blocks_of(in_features * out_features)
         self.register_buffer("codes", torch.zeros(blocks * BLOCK // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("absmax_codes", torch.zeros(blocks, dtype=torch.int8, device=device))
+        self.register_buffer("absmax_codes", torch.zeros(blocks, dtype=torch.uint8, device=device))
         self.register_buffer("absmax_scales", torch.zeros(-(-blocks // ABSMAX_BLOCK), device=device))
         self.register_buffer("absmax_mean", torch.zeros((), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
@@ -238,6 +246,9 @@ class NF4Linear(nn.Module):
         if weight is not None:
             self.quantize_(weight)
             state_dict.update({prefix + name: getattr(self, name) for name in STATE})
+        codes = state_dict.get(prefix + "absmax_codes")  # int8 ones hold an older linear code: refused, not misread
+        if isinstance(codes, torch.Tensor) and codes.dtype != torch.uint8:
+            raise ValueError(f"{prefix}absmax_codes is {codes.dtype}; expected torch.uint8 (indices into DYNAMIC_MAP)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

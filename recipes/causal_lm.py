@@ -78,6 +78,12 @@ def add_training_flags(p, lr_help, seed_help, dropout=0.0, grad_clip=1.0):
     p.add_argument("--projection", choices=list(PROJECTIONS),
                    help="Uni-LoRA: which P (projections.py; default balanced, the paper's; others are ablations)")
     p.add_argument("--dropout", type=fraction, default=dropout, help="adapter dropout on the layer input")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each layer's activations in the backward instead of keeping them: less memory,\n"
+                        "about one more forward of compute (recipe)")
+    p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction,
+                   help="batches of similar lengths: the shuffled order cut into megabatches of up to 50 batches,\n"
+                        "each sorted longest first (transformers' group_by_length; recipe)")
     p.add_argument("--seed", type=seed_number, help=seed_help)
 
 
@@ -161,6 +167,8 @@ def complete(args, recipe: dict, default_lr: dict, per_method=None):
             setattr(args, key, value)
     for key in ("max_train_samples", "max_eval_samples"):
         setattr(args, key, None if getattr(args, key) == "all" else getattr(args, key))
+    for key in ("gradient_checkpointing", "group_by_length"):  # off unless the recipe or the command line says
+        setattr(args, key, bool(getattr(args, key)))
     if args.signs is None:  # the paper's P; the dense ablations' P's are signed by construction
         args.signs = args.projection in ("fastfood", "gaussian")
     if args.lr is None and args.method != "none":
@@ -362,20 +370,23 @@ def train_adapter(run, model, adapter, train, ckpt, before):
     copy_from_main(params, ranks)
     opt = torch.optim.AdamW([{"params": params, "weight_decay": args.weight_decay}], lr=args.lr)
     sched, warmup_steps = warmup_then_decay(opt, total_steps, args.warmup_ratio, run.script.decay)
+    order = f"numpy default_rng([{data_seed}, epoch]).permutation({len(train)})"
+    lengths = [t[3] if len(t) > 3 else len(t[0]) for t in train] if args.group_by_length else None
     state = TrainingState(params, opt, sched, run.scaler, run.device, total_steps, resume_config(run, train),
-                          before, data_order=f"numpy default_rng([{data_seed}, epoch]).permutation({len(train)})")
+                          before, data_order=order + (", grouped by length" if lengths else ""))
     # resume, then the data order from there
     step = 0
     if ckpt:
         step = run.saved = resume(state, ckpt, run.folder, ranks.main)
         print(f"resumed {run.folder / 'checkpoint.pt'} at step {step}/{total_steps}")
-    batch_indices = batch_order(data_seed, len(train), args.batch_size, steps_per_epoch)
+    batch_indices = batch_order(data_seed, len(train), args.batch_size, steps_per_epoch, lengths)
     # the loop: forward and backward, the optimiser step, the log, a checkpoint every --save_every steps
     end_step = min(total_steps, args.stop_after) if args.stop_after else total_steps
     print(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch {args.batch_size} "
           f"(micro {args.micro_batch_size}), lr {args.lr}, warmup {warmup_steps}"
           + (f"; stopping after step {end_step}" if end_step < total_steps else ""))
     model.train()
+    model.gradient_checkpointing = bool(args.gradient_checkpointing)
     t0 = time.time()
     with tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
               dynamic_ncols=True, disable=not ranks.main) as bar:  # closed on errors too: messages on a clean line

@@ -230,14 +230,27 @@ def resume_command(run) -> str:
 
 # ---------------------------------------------------------------------------------------------- the data order
 
-def batch_order(seed: int, n: int, batch_size: int, steps_per_epoch: int):
+def batch_order(seed: int, n: int, batch_size: int, steps_per_epoch: int, lengths=None):
     """step -> the indices of its batch. Epoch e visits the n examples in default_rng([seed, e]).permutation(n):
-    the order depends only on (seed, epoch), so a resumed run recomputes exactly the batches it had not yet seen."""
+    the order depends only on (seed, epoch), so a resumed run recomputes exactly the batches it had not yet seen.
+    lengths (one number per example): that order grouped by length, as transformers' group_by_length does it."""
     @functools.lru_cache(maxsize=1)  # once per epoch, not per step (7.5 ms for MetaMathQA's 395K examples)
     def epoch_order(epoch):
-        return np.random.default_rng([seed, epoch]).permutation(n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        return order if lengths is None else grouped_by_length(order, lengths, batch_size)
 
     def batch_indices(step):
         epoch, k = divmod(step, steps_per_epoch)
         return epoch_order(epoch)[k * batch_size:(k + 1) * batch_size]
     return batch_indices
+
+
+def grouped_by_length(order, lengths, batch_size):
+    """transformers' LengthGroupedSampler (get_length_grouped_indices) on a shuffled order: cut it into megabatches
+    of min(n // (4 batch_size), 50) (at least 1) batches, sort each megabatch longest first (ties keep their order),
+    and put the longest example of all first, so that a run too large for memory fails at its first step."""
+    size = max(1, min(len(order) // (batch_size * 4), 50)) * batch_size
+    mega = [sorted(order[i:i + size].tolist(), key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
+    longest = max(range(len(mega)), key=lambda m: lengths[mega[m][0]])  # the first of the longest, as argmax
+    mega[0][0], mega[longest][0] = mega[longest][0], mega[0][0]
+    return np.array([j for m in mega for j in m], dtype=np.int64)

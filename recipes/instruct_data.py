@@ -132,7 +132,8 @@ class Collator:
 
 
 def load_examples(args, collator, ranks):
-    """(train, held-out items) of --train_data: train as the shared loop reads it, (ids, labels, answer tokens), if
+    """(train, held-out items) of --train_data: train as the shared loop reads it, (ids, labels, answer tokens,
+    characters of prompt + output), if
     the run trains; items as recipes/generation.answer_loglik scores them (the source as prompt, the target as
     answer), unless --no_eval. Records args.train_sha256 (the file's content, for --resume)."""
     path = fetch_instructions(args.train_data, args.data_dir, args.hf_token)
@@ -144,7 +145,9 @@ def load_examples(args, collator, ranks):
     tokenized = [collator.example(*examples[i]) for i in tqdm(trained + held_out, desc="tokenize", dynamic_ncols=True,
                                                               disable=len(examples) < 5000 or not ranks.main)]
     sources = [labels.count(-100) for _, labels in tokenized]  # the source's length: its labels are -100
-    train = [(ids, labels, len(ids) - n) for (ids, labels), n in zip(tokenized[:len(trained)], sources)]
+    # the length --group_by_length sorts by, as the official run measures it: characters of prompt and output
+    chars = [len(alpaca_prompt(*examples[i][:2])) + len(examples[i][2]) for i in trained]
+    train = [(ids, labels, len(ids) - n, c) for (ids, labels), n, c in zip(tokenized[:len(trained)], sources, chars)]
     items = [dict(prompt_ids=ids[:n], answer_ids=ids[n:]) for (ids, _), n in zip(tokenized[len(trained):],
                                                                                    sources[len(trained):])]
     cut_sources = sum(n == collator.source_max_len for n in sources)

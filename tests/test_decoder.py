@@ -324,3 +324,30 @@ def test_nf4_loading_reads_every_checkpoint_format_alike(tmp_path, decoders):
     folder = save_model(tmp_path / "headless", c, {k: v for k, v in sd.items() if k != "lm_head.weight"})
     with pytest.raises(ValueError, match=r"missing keys \['lm_head.weight'\]"):
         decoder.CausalLM.from_pretrained(folder, quantize="nf4")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations():
+    """Recomputing each layer in the backward (QLoRA's --gradient_checkpointing) changes memory, not numbers: the
+    same theta_d gradient in float64, with adapter dropout on (the recomputation must replay the same masks), while
+    far fewer tensors are kept for the backward."""
+    import unilora
+    c = DECODERS["llama-gqa-untied"]
+    ids = torch.tensor([[5, 9, 13, 7, 22, 31, 4, 8, 17], [0, 0, 0, 11, 3, 44, 6, 9, 10]])
+    mask = torch.tensor([[1] * 9, [0, 0, 0] + [1] * 6])
+    grads, kept = [], []
+    for recompute in (False, True):
+        model = decoder.CausalLM(c).double()
+        model.load_state_dict({k: v.double() for k, v in decoder_weights(c).items()}, strict=False)
+        adapter = unilora.apply_unilora(model, d=64, dropout=0.3, seed=1)
+        model.train()
+        model.gradient_checkpointing = recompute
+        saved = []
+        torch.manual_seed(7)  # the dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(ids, mask).logsumexp(-1).mean()
+        loss.backward()
+        grads.append(next(iter(adapter.parameters())).grad.clone())
+        kept.append(sum(saved))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+    assert grads[0].abs().sum() > 0
+    assert kept[1] < kept[0] / 2  # the layers' insides are not kept (measured: an eighth)

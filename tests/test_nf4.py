@@ -1,9 +1,11 @@
 """NF4 (pretrained/nf4.py) against QLoRA's definition, computed here in float64: the published codebook and its
-derivation from N(0, 1), blocks of 64 scaled by their absmax and rounded to the nearest code, the double-quantised
-absmax, the bytes per weight; NF4Linear's forward and backward, casts and moves; quantize_model; and loading a
-checkpoint into 4 bits tensor by tensor (CausalLM.from_pretrained(quantize="nf4"))."""
+derivation from N(0, 1), blocks of 64 scaled by their absmax and rounded to the nearest code, the absmax values
+double-quantised with the signed dynamic 8-bit map (rebuilt here from its bit patterns), the bytes per weight;
+NF4Linear's forward and backward, casts and moves; quantize_model; and loading a checkpoint into 4 bits tensor by
+tensor (CausalLM.from_pretrained(quantize="nf4"))."""
 import math
 import weakref
+from fractions import Fraction
 
 import pytest
 import torch
@@ -22,6 +24,27 @@ PUBLISHED = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
              1.0)
 CODES = torch.tensor(PUBLISHED, dtype=torch.float64)
+
+
+def dynamic_map() -> torch.Tensor:
+    """The signed dynamic 8-bit map in float64, one value per byte: the sign bit, then z zero bits (the exponent
+    10^-z), a one bit, and the i = 6 - z bits left, a fraction f: +-10^-z (0.1 + 0.9 (f + 1/2) / 2^i), the middle
+    of the f-th of 2^i equal parts of [0.1, 1]. The two bytes with no one bit after the sign are 0 (sign 0) and 1.0
+    (sign 1), bitsandbytes' two extra values. Each value exact (fractions) until the one rounding to float64."""
+    values = []
+    for byte in range(256):
+        sign, rest = byte >> 7, byte & 127
+        if rest == 0:
+            values.append(Fraction(sign))
+            continue
+        z = 7 - rest.bit_length()  # the zero bits before the one bit
+        i, f = 6 - z, rest & ((1 << (6 - z)) - 1)
+        values.append((-1) ** sign * Fraction(1, 10**z) * (Fraction(1, 10) + Fraction(9, 10) * Fraction(2 * f + 1,
+                                                                                                      2 ** (i + 1))))
+    return torch.tensor([float(v) for v in sorted(values)], dtype=torch.float64)
+
+
+MAP = dynamic_map()
 
 
 def test_the_codebook_is_qloras_published_nf4():
@@ -45,12 +68,30 @@ def test_the_codebook_is_made_of_normal_quantiles():
     torch.testing.assert_close(levels / levels.max(), CODES, atol=1e-7, rtol=0)
 
 
+def test_the_absmax_code_is_the_signed_dynamic_8_bit_map():
+    """QLoRA's "8-bit Floats" for the second level: bitsandbytes' create_dynamic_map(signed=True), 256 sorted
+    values, each within two float32 ulps of the definition's exact value (bitsandbytes computes them in float32
+    arithmetic: linspace, midpoint and product each rounded; 72 of them are not the nearest float32, and are kept as
+    bitsandbytes has them)."""
+    table = torch.tensor(nf4.DYNAMIC_MAP)
+    assert len(nf4.DYNAMIC_MAP) == 256 == len(set(nf4.DYNAMIC_MAP)) and list(nf4.DYNAMIC_MAP) == sorted(nf4.DYNAMIC_MAP)
+    assert table.dtype == torch.float32 and table.tolist() == list(nf4.DYNAMIC_MAP)  # each constant exact in float32
+    torch.testing.assert_close(table.double(), MAP, rtol=2**-22, atol=0)  # within two ulps
+    assert 60 < int((table != MAP.float()).sum()) < 90  # the float32 arithmetic's own roundings (72), not the nearest
+    # by hand: the ends, the smallest values on either side of 0, the next one, the largest below 1
+    assert MAP[-1] == 1.0 and MAP[0] == -0.99296875 and MAP[-2] == 0.99296875  # 0.1 + 0.9 * 63.5 / 64
+    assert (MAP[126], MAP[127], MAP[128], MAP[129]) == (-5.5e-7, 0.0, 5.5e-7, 3.25e-6)  # 1e-5 (0.1 + 0.9 / 4)
+    assert int((MAP < 0).sum()) == 127 and int((MAP == 0).sum()) == 1 and int((MAP > 0).sum()) == 127 + 1  # and 1.0
+    for z in range(7):  # 2^(6 - z) values in each decade [10^-z / 10, 10^-z), of either sign
+        assert int(((MAP.abs() >= 10.0**-z / 10) & (MAP.abs() < 10.0**-z)).sum()) == 2 * 2 ** (6 - z)
+
+
 # --- the quantisation, against a float64 reference written from the definition ----------------------------------
 
 def reference_nf4(w: torch.Tensor) -> dict:
     """QLoRA's NF4 in float64: row-major blocks of 64 (the last padded with zeros), each scaled by its absmax and
-    rounded to the nearest code; the absmax values minus their mean, in groups of 256, as round(127 x / s) with s
-    the group's largest |x|."""
+    rounded to the nearest code; the absmax values minus their mean, in groups of 256, each group's scale s its
+    largest |x| (x / s then goes to the nearest value of the dynamic map)."""
     flat = w.double().flatten()
     blocks = torch.cat([flat, flat.new_zeros(-len(flat) % 64)]).view(-1, 64)
     absmax = blocks.abs().amax(1)
@@ -59,8 +100,7 @@ def reference_nf4(w: torch.Tensor) -> dict:
     mean = absmax.mean()
     centred = torch.cat([absmax - mean, absmax.new_zeros(-len(absmax) % 256)]).view(-1, 256)
     scales = centred.abs().amax(1)
-    return {"scaled": scaled, "distance": distance, "absmax": absmax, "mean": mean, "scales": scales,
-            "steps": (centred / torch.where(scales > 0, scales, 1.0)[:, None] * 127).flatten()[:len(absmax)]}
+    return {"scaled": scaled, "distance": distance, "absmax": absmax, "mean": mean, "scales": scales}
 
 
 def unpacked(q) -> torch.Tensor:
@@ -70,9 +110,9 @@ def unpacked(q) -> torch.Tensor:
 
 
 def decoded_absmax(q) -> torch.Tensor:
-    """float64: each block's absmax from its int8 code, its group's scale and the mean."""
+    """float64: each block's absmax, map[index] * its group's scale + the mean."""
     scales = q.absmax_scales.double().repeat_interleave(256)[:len(q.absmax_codes)]
-    return q.absmax_codes.double() * scales / 127 + q.absmax_mean.double()
+    return MAP[q.absmax_codes.long()] * scales + q.absmax_mean.double()
 
 
 def weights():
@@ -100,22 +140,29 @@ def test_each_weight_gets_the_nearest_code_of_its_block_scaled_by_the_absmax(nam
 
 
 @pytest.mark.parametrize("name", list(weights()))
-def test_the_absmax_is_double_quantised_within_half_an_8_bit_step(name):
+def test_the_absmax_is_double_quantised_to_the_nearest_value_of_the_map(name):
     w = weights()[name]
     q, ref = quantize_nf4(w), reference_nf4(w)
     blocks = ref["absmax"].numel()
-    assert (q.absmax_codes.dtype, q.absmax_codes.shape) == (torch.int8, (blocks,))
+    assert (q.absmax_codes.dtype, q.absmax_codes.shape) == (torch.uint8, (blocks,))
     assert (q.absmax_scales.dtype, q.absmax_scales.shape) == (torch.float32, (math.ceil(blocks / 256),))
     assert (q.absmax_mean.dtype, q.absmax_mean.shape) == (torch.float32, ())
     torch.testing.assert_close(q.absmax_mean.double(), ref["mean"], rtol=1e-6, atol=0)
     torch.testing.assert_close(q.absmax_scales.double(), ref["scales"], rtol=1e-5, atol=1e-9)
-    # round(127 x / s): off by one only where 127 x / s lies within rounding noise of a half step
-    steps = q.absmax_codes.double()
-    off = (steps - ref["steps"].round()).abs()
-    assert bool((off <= 1).all()) and bool(((off == 0) | ((ref["steps"].frac().abs() - 0.5).abs() < 1e-4)).all())
-    # the error bound: each decoded absmax within half a step (its group's scale / 254) of the true one
-    half_step = ref["scales"].repeat_interleave(256)[:blocks] / 254
-    assert bool(((decoded_absmax(q) - ref["absmax"]).abs() <= half_step * (1 + 1e-5) + 1e-12).all())
+    # x = (absmax - mean) / scale (the stored mean and scales, in float64) and the map values around it: the
+    # chosen value is within half their gap of x; below the map's smallest value (x >= -1), within 1 - 0.99296875
+    scales = q.absmax_scales.double().repeat_interleave(256)[:blocks]
+    x = (ref["absmax"] - q.absmax_mean.double()) / scales.clamp_min(1e-30)
+    assert bool((x.abs() <= 1 + 1e-6).all())
+    below = torch.searchsorted(MAP, x, right=True) - 1  # MAP[below] <= x < MAP[below + 1]
+    gap = MAP[(below + 1).clamp(max=255)] - MAP[below.clamp(min=0)]
+    bound = torch.where(below < 0, MAP[0] - x, gap / 2) + 1e-6 * x.abs()  # + fp32 rounding of x in the code
+    assert bool(((MAP[q.absmax_codes.long()] - x).abs() <= bound).all())
+    # so each decoded absmax is within that bound times its group's scale of the true absmax (+ fp32 rounding)
+    fp32 = 1e-6 * float(ref["absmax"].max())
+    torch.testing.assert_close(nf4.dequantize_absmax(q).double(), decoded_absmax(q), rtol=0, atol=fp32)
+    assert bool(((decoded_absmax(q) - ref["absmax"]).abs() <= bound * scales + fp32).all())
+    assert float((bound * scales).max()) <= float(q.absmax_scales.max()) * 0.00704  # 1 - 0.99296875: the widest
 
 
 @pytest.mark.parametrize("name", list(weights()))
@@ -372,6 +419,9 @@ BAD = [
     (lambda: NF4Linear(8, 4).dequantize(torch.int32), "dtype is torch.int32; expected one of"),
     (lambda: quantize_model(nn.Sequential(nn.ReLU())), r"the model has no nn.Linear layer outside skip=\('lm_head', "
                                                        r"'classifier', 'score'\) to quantize"),
+    (lambda: NF4Linear(64, 1).load_state_dict(dict(NF4Linear(64, 1).state_dict(),
+                                                   absmax_codes=torch.zeros(1, dtype=torch.int8))),
+     r"absmax_codes is torch.int8; expected torch.uint8 \(indices into DYNAMIC_MAP\)"),
     (lambda: decoder.CausalLM.from_pretrained("no/such-folder", quantize="int8"),
      r"quantize='int8' is not supported; use None \(the weights in dtype\) or 'nf4'"),
 ]

@@ -8,16 +8,19 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pretrained
 import train_instruct
+import train_math
 import unilora
 from recipes import causal_lm, checkpoint, generation, instruct_data, mt_bench
 from recipes.training import Ranks, UserError, errors_as_exit
@@ -305,15 +308,14 @@ def test_the_paper_recipes():
                     lr=8e-4, batch_size=16, micro_batch_size=4, epochs=1, warmup_ratio=0.1, grad_clip=0.3,
                     weight_decay=0.0, dropout=0.05, seed=0, data_seed=42, source_max_len=16, target_max_len=512,
                     loss="micro", dtype="bfloat16", amp="bf16", eval_size=1024, max_eval_samples=1000,
-                    max_train_samples=None, signs=False, projection="balanced", max_new_tokens=1024)
+                    max_train_samples=None, signs=False, projection="balanced", max_new_tokens=1024,
+                    group_by_length=True, gradient_checkpointing=True)
     assert {k: paper[k] for k in expected} == expected
     big = train_instruct.parse_args(["--recipe", "paper13b"])
     assert (big.model, big.d, big.lr) == ("meta-llama/Llama-2-13b-hf", 1_048_576, 8e-4)
     assert train_instruct.parse_args(["--recipe", "paper", "--model", "meta-llama/Llama-2-13b-hf"]).d == 524_288
 
 
-@pytest.mark.skipif(not hasattr(pretrained, "nf4"), reason="pretrained/nf4.py (CausalLM.from_pretrained's quantize) "
-                                                            "is another engineer's and has not landed yet")
 def test_nf4_base_trains_and_evaluates(data, tmp_path):
     res = main(base_args(data, tmp_path / "nf4", "--quantize", "nf4", "--max_steps", "2"))
     assert res["status"] == "finished" and res["quantize"] == "nf4" and "loglik" in res["after"]
@@ -373,3 +375,69 @@ def test_command_line(data, tmp_path):
                                                       "train_log.jsonl"]
     proc = subprocess.run([*cmd, "--lr", "-1"], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--lr" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the official extras
+
+def test_group_by_length_is_transformers_rule_on_a_hand_worked_case():
+    """get_length_grouped_indices by hand: 20 examples, batch 2 -> megabatches of min(20 // 8, 50) = 2 batches (4
+    examples), each sorted longest first (ties in their order), then the longest example of all swapped to the
+    front."""
+    order = np.array([3, 0, 7, 1, 9, 4, 2, 8, 5, 6, 19, 10, 18, 11, 17, 12, 16, 13, 15, 14])
+    lengths = [5, 1, 9, 3, 3, 0, 2, 8, 6, 4, 7, 7, 1, 2, 30, 5, 5, 0, 9, 2]
+    # megabatches: [3 0 7 1] -> [7 0 3 1]; [9 4 2 8] -> [2 8 9 4]; [5 6 19 10] -> [10 6 19 5] (6, 19 tie);
+    # [18 11 17 12] -> [18 11 12 17]; [16 13 15 14] -> [14 16 15 13] (16, 15 tie); 14 (length 30) swaps with 7
+    expected = [14, 0, 3, 1, 2, 8, 9, 4, 10, 6, 19, 5, 18, 11, 12, 17, 7, 16, 15, 13]
+    assert checkpoint.grouped_by_length(order, lengths, 2).tolist() == expected
+    first = checkpoint.batch_order(42, 20, 2, 10, lengths)
+    assert first(0)[0] == 14 and sorted(np.concatenate([first(s) for s in range(10)]).tolist()) == list(range(20))
+    plain = checkpoint.batch_order(42, 20, 2, 10)
+    assert plain(0).tolist() == np.random.default_rng([42, 0]).permutation(20)[:2].tolist()
+
+
+def test_group_by_length_measures_characters_of_prompt_and_output(data):
+    args = argparse.Namespace(train_data=data["train"], data_dir="unused", hf_token=None, eval_size=8,
+                              max_train_samples=None, max_eval_samples=None, train=True, no_eval=False)
+    train, _ = instruct_data.load_examples(args, collator(data), Ranks(0, 1, "cpu"))
+    rows = records()
+    trained, _ = instruct_data.split_held_out(len(rows), 8)
+    assert [t[3] for t in train] == [len(instruct_data.alpaca_prompt(rows[i]["instruction"], rows[i]["input"]))
+                                     + len(rows[i]["output"]) for i in trained]
+
+
+def test_recipes_turn_the_official_extras_on():
+    small = train_instruct.parse_args([])
+    assert (small.group_by_length, small.gradient_checkpointing) == (True, False)  # a 135M model: no memory to save
+    assert train_instruct.parse_args(["--no-group_by_length"]).group_by_length is False
+    maths = train_math.parse_args(["--recipe", "paper"])
+    assert (maths.group_by_length, maths.gradient_checkpointing) == (False, False)  # the official math run: neither
+
+
+def test_a_tokenizer_without_pad_gets_the_official_pad_row(data, tmp_path, capsys):
+    """smart_tokenizer_and_embedding_resize: one more row in the embeddings and lm_head, the mean of the others
+    (float64 here), the old logits unchanged, the new id = the tokenizer's size; a run on such a tokenizer pads
+    with it."""
+    nopad = tmp_path / "nopad"
+    shutil.copytree(data["model"], nopad)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (nopad / name).write_text(json.dumps({k: v for k, v in json.loads((nopad / name).read_text()).items()
+                                              if k != "pad_token"}))
+    tok = pretrained.Tokenizer.from_pretrained(nopad)
+    assert tok.pad_id is None and pretrained.Tokenizer.from_pretrained(data["model"]).pad_id == 2
+    res = main(base_args(dict(data, model=str(nopad)), tmp_path / "run", "--max_steps", "1"))
+    assert res["status"] == "finished" and f"[PAD] added as id {tok.vocab_size}" in capsys.readouterr().out
+    for tied_head in (True, False):
+        model = pretrained.CausalLM.from_pretrained(data["model"], dtype=torch.float64)
+        if not tied_head:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 3)
+            model.tied = False
+        ids = torch.tensor([[5, 9, 13, 7]])
+        before = model(ids).detach()
+        embed, head = model.model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+        assert train_instruct.add_pad_token(model, tok) == tok.vocab_size == embed.shape[0]
+        after = model(ids).detach()
+        torch.testing.assert_close(after[..., :-1], before, rtol=0, atol=0)
+        torch.testing.assert_close(model.model.embed_tokens.weight[-1], embed.mean(0), rtol=0, atol=1e-15)
+        torch.testing.assert_close(model.lm_head.weight[-1], head.mean(0), rtol=0, atol=1e-15)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied_head
+        assert after.shape[-1] == tok.vocab_size + 1
