@@ -22,14 +22,23 @@ PASS/FAIL:
      MLP shape keeps (target <= 0.53, over bf16's 2); the peak RSS gained while loading a SmolLM2-135M-shaped fp32
      checkpoint into 4 bits, over its size (target: the 4-bit model plus its largest tensor in fp32 and in bf16);
      a Llama-2-7B-shaped 4-bit model's bytes, counted on the meta device (target <= 0.30 of fp16).
+  5. many tasks on one base (taskbank.py), at the SmolLM2-135M shape (all linear, d = 65,536, batch 32 x 16) and
+     the RoBERTa-base GLUE shape (query and value, d = 23,040, a 2-class head trained beside it, batch 32 x 16): a
+     training step on 32 rows of 8 tasks (4 rows each, interleaved) inside bank.rows(...) over the same step of the
+     plain adapted model (one task) on 32 rows: target <= 1.25 (throughput >= 0.8x); a task's resident bytes
+     (bank.nbytes; target: exactly 4d plus its head's tensors; beside a LoRA r=4 adapter of the same layers); the
+     time of bank.add(name, file) and bank.remove(name), beside reading the file alone (informational).
 Times are medians of interleaved rounds (each round runs every side once, the order reversed every other round,
 the garbage collector never inside a timed call), so drifts in machine load hit all sides alike; each row also
 gives the range of ours/baseline over the rounds, its spread. --quick keeps every row but shrinks the models (4 of
-30 Llama layers with d scaled to keep D/d, batch 1 x 64 only, RoBERTa batch 2 x 64) and says so in the row.
+30 Llama layers with d scaled to keep D/d, batch 1 x 64 only, RoBERTa batch 2 x 64; the task bank's batches 32 x 8
+and 32 x 4) and says so in the row.
 """
 import argparse
+import contextlib
 import copy
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -46,6 +55,8 @@ import projections
 import unilora
 from pretrained import CausalLM, Encoder, save_safetensors
 from pretrained.nf4 import NF4Linear, quantize_model, resident_bytes
+from recipes.glue_model import GlueModel
+from taskbank import TaskBank
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
@@ -98,10 +109,15 @@ def row(device, what, ours, baseline, ratio, target, better="faster", worse="slo
     """One table row; ratio is ours/baseline (time or bytes): below 1 ours is smaller, i.e. faster."""
     verdict = f"{1 / ratio:.2f}x {better}" if ratio < 1 else f"{ratio:.2f}x {worse}" if ratio > 1 else "equal"
     verdict += f"; {spread}" if spread else ""
-    status = "PASS" if ratio <= target else "FAIL"
-    FAILED.extend([what] if status == "FAIL" else [])
-    print(f"| {device} | {what} | {ours} | {baseline} | {ratio:.3f} ({verdict}) | <= {target:.2f} | {status} |",
-          flush=True)
+    check(device, what, ours, baseline, f"{ratio:.3f} ({verdict})", f"<= {target:.2f}", ratio <= target)
+
+
+def check(device, what, ours, baseline, ratio: str, target: str, ok):
+    """One table row with its verdict given: ok True PASS, False FAIL (named in the exit status), None
+    informational (no target: "-")."""
+    status = "-" if ok is None else "PASS" if ok else "FAIL"
+    FAILED.extend([what] if ok is False else [])
+    print(f"| {device} | {what} | {ours} | {baseline} | {ratio} | {target} | {status} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------- training steps
@@ -358,6 +374,150 @@ def nf4_rows(devices, quick: bool, repeats: int, threads: int):
     nf4_7b_row()
 
 
+# ---------------------------------------------------------------------------------------- many tasks on one base
+
+BANK_TASKS, BANK_ROWS = 8, 32  # a mixed batch: 32 rows drawn from 8 tasks, 4 rows each, interleaved
+
+
+def scaled_d(model: nn.Module, targets, full_d: int, full_D: int, r: int = 4) -> int:
+    """d for the layers apply_unilora adapts in `model`: full_d where their D is the full shape's full_D, else scaled
+    to keep D/d (--quick's fewer layers, the tests' tiny shapes)."""
+    layers = [model.get_submodule(name) for name in unilora.find_targets(model, targets)]
+    return max(1, round(full_d * sum(r * (m.in_features + m.out_features) for m in layers) / full_D))
+
+
+def bank_shapes(quick: bool):
+    """The two shapes of the bank rows: (label, model, targets, d, batch of 32 rows, loss, heads trained beside
+    theta_d). A SmolLM2-135M-shaped Llama (every linear but lm_head, d = 65,536 at D = 1,221,120: the d of
+    train_math.py and train_instruct.py) and a RoBERTa-base-shaped GLUE model (query and value, d = 23,040, the
+    paper's GLUE d; its classification head trained beside theta_d as in train_glue.py)."""
+    layers = 4 if quick else SMOLLM2_135M["num_hidden_layers"]
+    config = dict(SMOLLM2_135M, num_hidden_layers=layers)
+    length = 8 if quick else 16
+    torch.manual_seed(0)
+    llama = CausalLM(config)
+    d = scaled_d(llama, None, 65536, 1_221_120)
+    ids = torch.randint(0, config["vocab_size"], (BANK_ROWS, length))
+
+    def lm_loss(model, ids):
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    yield (f"SmolLM2-135M shape{f' ({layers} of 30 layers)' if quick else ''}, all linear", llama, None, d, (ids,),
+           lm_loss, ())
+
+    length = 4 if quick else 16
+    torch.manual_seed(0)
+    glue = GlueModel(Encoder(ROBERTA_BASE), 2)
+    d = scaled_d(glue, ("query", "value"), 23040, 147_456)
+    ids = torch.randint(3, ROBERTA_BASE["vocab_size"], (BANK_ROWS, length))
+    labels = torch.randint(0, 2, (BANK_ROWS,))
+    yield ("RoBERTa-base shape, query+value, 2-class head", glue, ("query", "value"), d,
+           (ids, torch.ones_like(ids), torch.zeros_like(ids), labels),
+           lambda model, ids, mask, types, y: F.cross_entropy(model(ids, mask, types).float(), y), ("classifier",))
+
+
+def make_bank(model: nn.Module, adapter, tasks: int) -> tuple:
+    """A TaskBank over the adapted `model` holding `tasks` tasks (copies of its adapter, each its own random
+    theta_d), and their names."""
+    bank = TaskBank(model, adapter)
+    names = [f"task{i}" for i in range(tasks)]
+    generator = torch.Generator().manual_seed(1)
+    for name in names:
+        bank.add(name)
+        with torch.no_grad():
+            bank.vectors[name].copy_(torch.empty(adapter.config["d"]).uniform_(-0.02, 0.02, generator=generator))
+    return bank, names
+
+
+def mixed_batch_row(device, what: str, base: nn.Module, targets, d: int, batch: tuple, loss_fn, keep, repeats: int):
+    """A training step (forward, backward, AdamW) on 32 rows of 8 tasks inside bank.rows(...), against the same step
+    of the plain adapted model (one task, outside rows) on the same 32 rows. Returns the bank, for the bytes row."""
+    batch = tuple(t.to(device) for t in batch)
+    steps, banks = {}, {}
+    for side in ("mixed", "single"):
+        model = copy.deepcopy(base)
+        adapter = unilora.apply_unilora(model, d, r=4, targets=targets, keep_trainable=keep)
+        model.to(device).train()
+        if side == "mixed":
+            bank, names = make_bank(model, adapter, BANK_TASKS)
+            rows = [names[i % BANK_TASKS] for i in range(len(batch[0]))]
+            params, context = list(bank.parameters()), lambda bank=bank, rows=rows: bank.rows(rows)
+            banks[side] = bank
+        else:
+            params = [*adapter.parameters(), *(t for t in adapter.trained_tensors().values() if t.requires_grad)]
+            context = contextlib.nullcontext
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+        def step(model=model, optimizer=optimizer, context=context):
+            with context(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(model, *batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[side] = step
+    mixed, single, ratio, spread = compare(interleaved_times(steps, repeats, device), "mixed", "single")
+    row(device.type, f"mixed batch train step, {what}, {len(batch[0])}x{batch[0].shape[1]}, r=4, d={d:,}",
+        f"{BANK_TASKS} tasks x {len(batch[0]) // BANK_TASKS} rows (interleaved): {mixed:.3f} s, throughput "
+        f"{single / mixed:.2f}x of single", f"1 task (the plain adapted model): {single:.3f} s", ratio, 1 / 0.8,
+        spread=spread)
+    return banks["mixed"]
+
+
+def bank_bytes_row(what: str, bank, keep) -> None:
+    """What one task costs in the bank (bank.nbytes), checked equal to 4d plus its heads' tensors (else FAIL), against
+    a LoRA r=4 adapter of the same layers (4 bytes x r (in + out) per layer) with the same heads."""
+    name, adapter, model = bank.names()[0], bank.adapter, bank.model
+    d = adapter.config["d"]
+    heads = sum(t.numel() * t.element_size() for n in keep for m in [model.get_submodule(n)]
+                for t in [*m.parameters(), *m.buffers()])
+    lora = sum(4 * 4 * (m.in_features + m.out_features) for _, m in adapter.layers())
+    ours, expected = bank.nbytes(name), 4 * d + heads
+    with_head = " + the same head" if heads else ""
+    check("any", f"resident bytes per task, {what}, d={d:,}", f"{ours:,} bytes ({ours / 1e6:.3f} MB)",
+          f"LoRA r=4 of the same layers{with_head}: {lora + heads:,} bytes ({(lora + heads) / 1e6:.3f} MB)",
+          f"{ours / (lora + heads):.3f}", f"== 4d{f' + head {heads:,}' if heads else ''} = {expected:,} bytes",
+          ours == expected)
+
+
+def bank_add_row(device, what: str, bank, repeats: int) -> None:
+    """Median time of bank.add(name, path) from a saved adapter file and of bank.remove(name), interleaved with
+    reading the same file alone (unilora.read_adapter_file: what any load pays). Informational: no target."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "adapter.pt")
+        bank.adapter.save(path)
+        size, added, fresh = os.path.getsize(path), [], (f"added{i}" for i in itertools.count())
+
+        def add():
+            added.append(next(fresh))
+            bank.add(added[-1], path)
+
+        for _ in range(2):  # remove() has a task to take whatever the order of a round (add first or last)
+            add()
+        times = interleaved_times({"add": add, "remove": lambda: bank.remove(added.pop(0)),
+                                   "read": lambda: unilora.read_adapter_file(path, unilora.UniLoRA)}, repeats, device)
+    for name in added:
+        bank.remove(name)
+    add_s, read_s, ratio, spread = compare(times, "add", "read")
+    remove_s = statistics.median(times["remove"])
+    check(device.type, f"time to add / remove a task, {what}, from a {size:,}-byte adapter file",
+          f"add: {1e3 * add_s:.2f} ms, remove: {1e3 * remove_s:.3f} ms",
+          f"reading the file alone: {1e3 * read_s:.2f} ms", f"{ratio:.3f} (add / read; {spread})", "informational",
+          None)
+
+
+def bank_rows(devices, quick: bool, repeats: int) -> None:
+    """taskbank.py: per shape, the mixed batch on each device, a task's bytes once, add / remove on each device;
+    `repeats` rounds each (the step rows' count: add / remove take milliseconds, the rounds' garbage collections
+    most of the time)."""
+    for what, base, targets, d, batch, loss_fn, keep in bank_shapes(quick):
+        for i, device in enumerate(devices):
+            bank = mixed_batch_row(device, what, base, targets, d, batch, loss_fn, keep, repeats)
+            if i == 0:
+                bank_bytes_row(what, bank, keep)
+            bank_add_row(device, what, bank, repeats)
+            del bank
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -389,6 +549,7 @@ def main():
     row("any", "adapter file, d=23,040, nothing else trained", f"{size:,} bytes", f"4d = {4 * 23040:,} bytes",
         size / (4 * 23040), 1 + 4096 / (4 * 23040), "smaller", "larger")
     nf4_rows(devices, args.quick, step_repeats, args.threads)
+    bank_rows(devices, args.quick, step_repeats)
     print(f"\n{time.time() - start:.0f} s")
     if FAILED:
         raise SystemExit(f"{len(FAILED)} row(s) missed the target: {'; '.join(FAILED)}")

@@ -10,6 +10,7 @@ head (the classification head alone) share the data, head, optimiser, schedule a
     python train_glue.py --task mrpc --method lora                # LoRA baseline, same everything else
     python train_glue.py --task cola --signs                      # our variant: random signs in P
     python train_glue.py --eval_only --load runs/glue-sst2-unilora      # score a saved run again (-> eval-N/)
+    python train_glue.py --eval_only --load runs/a,runs/b,runs/c  # several Uni-LoRA runs, one base, mixed batches
     python train_glue.py --table runs/                            # Table 1 from any run folders (best epoch)
     python train_glue.py --table runs/ --report last              # ... of each run's last epoch instead
     torchrun --standalone --nproc_per_node 8 -- train_glue.py --task sst2   # one run on 8 GPUs (README)
@@ -65,6 +66,7 @@ With dropout, each copy draws its own masks, so a run matches one process in dis
 """
 
 import argparse
+import contextlib
 import math
 import random
 import statistics
@@ -91,10 +93,11 @@ from recipes.glue_model import GlueModel, batches, loss_sum
 from recipes.glue_table import REPORTS, make_table, summarize
 from recipes.training import (MAX_SEED, Parser, Ranks, UserError, autocast, check_finite, choice, copy_from_main,
                               data_parallel_until_done, device_name, errors_as_exit, eval_output_dir, fraction,
-                              gather_shares, interrupt_on_sigterm, main_first, my_share, nonnegative_float,
-                              optimizer_step, positive_float, positive_int, printing_on_main_copy, read_saved_run,
-                              real, seed_number, staged, start_data_parallel, text, thread_count, warmup_then_decay,
-                              whole)
+                              gather_shares, interrupt_on_sigterm, load_dirs, main_first, my_share, new_eval_dir,
+                              nonnegative_float, optimizer_step, positive_float, positive_int, printing_on_main_copy,
+                              read_saved_run, real, seed_number, staged, start_data_parallel, text, thread_count,
+                              warmup_then_decay, whole)
+from taskbank import TaskBank
 
 # -----------------------------------------------------------------------------
 # Settings: the recipe per task and model size, the defaults of everything else, and which flags go with what.
@@ -139,6 +142,9 @@ CONFIG_KEYS = ("task", "model", "preset", "method", "d", "r", "signs", "projecti
                "head_lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "eval_batch_size",
                "warmup_ratio", "grad_clip", "max_length", "max_train_samples", "max_eval_samples", "seed", "bf16",
                "device", "threads", "data_dir", "cache_dir")  # of a run: its run.json, in this order
+# --eval_only --load A,B,...: what may be given (each run keeps the rest of its run.json), what the runs must share.
+TOGETHER_FLAGS = ("eval_only", "load", "eval_batch_size", "device", "threads")
+TOGETHER_KEYS = ("model", "d", "r", "targets", "seed", "projection", "signs", "bf16")
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +204,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default off: fp32)")
     p.add_argument("--eval_only", action="store_true", help="score the run saved in --load")
-    p.add_argument("--load", help="a run folder written by this script (or its best/)")
+    p.add_argument("--load", help="a run folder written by this script (or its best/); several, comma-separated: "
+                                  "Uni-LoRA runs on one base, scored together in mixed batches")
     p.add_argument("--table", nargs="+", metavar="DIR", help="print Table 1 from the runs under these folders")
     p.add_argument("--report", choices=REPORTS, help="which epoch of each run --seeds' summary and --table report: "
                                                      "best (default) or last (where the official scripts end)")
@@ -211,7 +218,14 @@ def parse_args(argv):
         p.error("--report applies to --seeds and --table only: a run records both its best and its last epoch")
     if args.eval_only != bool(args.load):
         p.error("--eval_only and --load DIR go together: DIR is the run folder to score")
-    if args.eval_only:
+    if args.eval_only and len(load_dirs(args.load)) > 1:
+        extra = {k for k, v in vars(args).items() if v is not None and v is not p.get_default(k)} - set(TOGETHER_FLAGS)
+        if extra:
+            p.error(f"--{sorted(extra)[0]} does not apply to --eval_only with several --load folders: each run is "
+                    f"scored with its own run.json's settings, into its own DIR/eval-N")
+        if "" in load_dirs(args.load):
+            p.error(f"--load {args.load}: an empty folder name in the list")
+    elif args.eval_only:
         extra = set(given) - set(EVAL_KEYS) - {"eval_only", "load", "output_dir", "overwrite", "task"}
         if extra:
             p.error(f"--{sorted(extra)[0]} does not apply to --eval_only: the saved run's setting is used")
@@ -537,22 +551,31 @@ def evaluate_all(model, dev_sets, cfg, pad_id, ranks):
 def evaluate(model, examples, cfg, pad_id, ranks):
     """Metrics and mean loss on one dev set; each copy scores its share, and every copy gets the whole set's."""
     encoded, labels = examples
-    task = cfg["task"]
-    regression = TASKS[task]["labels"] is None
+    regression = TASKS[cfg["task"]]["labels"] is None
     model.eval()
     # Length-sorted batches waste far less compute on padding; the metrics do not depend on order.
-    index = sorted(range(len(encoded)), key=lambda j: len(encoded[j][0]))
+    index = by_length(encoded)
     rows = []
     for ids, mask, types, _ in batches(examples, my_share(index, ranks), cfg["eval_batch_size"], pad_id, regression,
                                        cfg["device"]):
         with mixed_precision(cfg):
             rows += model(ids, mask, types).float().cpu().tolist()
     model.train()
-    out = torch.tensor(gather_shares(rows, ranks))  # the outputs of all examples, in `index` order
-    y = torch.tensor([labels[j] for j in index], dtype=torch.float32 if regression else torch.long)
+    return score(cfg["task"], gather_shares(rows, ranks), [labels[j] for j in index])  # all examples, `index` order
+
+
+def by_length(encoded):
+    return sorted(range(len(encoded)), key=lambda j: len(encoded[j][0]))
+
+
+def score(task, rows, labels):
+    """Metrics and mean loss of a dev set: the model's output rows and the labels, example by example."""
+    regression = TASKS[task]["labels"] is None
+    out = torch.tensor(rows)
+    y = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
     pred = out.squeeze(-1) if regression else out.argmax(-1)
     result = {name: METRICS[name](pred.numpy(), y.numpy()) for name in TASKS[task]["metrics"]}
-    result["loss"] = loss_sum(out, y, regression).item() / len(index)
+    result["loss"] = loss_sum(out, y, regression).item() / len(labels)
     return result
 
 
@@ -571,31 +594,122 @@ def save_model(folder, cfg, model, adapter):
 
 def evaluate_saved(args, ranks):
     """--eval_only: rebuild the run in --load from its run.json (flags override), score it, write eval-N/."""
+    if len(load_dirs(args.load)) > 1:
+        return evaluate_together(args, [Path(d) for d in load_dirs(args.load)], ranks)
     load = Path(args.load)
+    cfg = saved_config(args, load, ranks)
+    # not the run itself, a folder holding it or one inside it: --overwrite would replace the run's files
+    dest = eval_output_dir(args.output_dir, load, "--output_dir {folder} holds the run that --load reads, or lies "
+                                                  "inside it; leave --output_dir out to write {default}")
+    with staged(dest, args.overwrite, ranks) as stage:
+        model_dir, model_config = main_first(ranks, lambda: fetch_model(cfg["model"]))
+        data = dev_data(cfg, model_dir, model_config, ranks)
+        model, _ = build_model(cfg, model_dir, load=load)
+        dev = evaluate_all(model, data["dev"], cfg, data["pad_id"], ranks)
+        line = write_eval(stage, load, cfg, dev, data, ranks)
+    print(f"{line}; saved to {dest}")
+    return dev
+
+
+def saved_config(args, load, ranks):
+    """The settings of the run in `load` (its run.json, checked), with the --eval_only flags' overrides."""
     hint = "--load must be a run folder written by train_glue.py, or its best/"
     cfg = dict.fromkeys(SAVED_RUN) | read_saved_run(load, SAVED_RUN, hint)  # a setting left out: None
     if args.task and args.task != cfg["task"]:
         raise UserError(f"--task {args.task}, but {load} was trained on {cfg['task']}")
     cfg.update({k: getattr(args, k) for k in EVAL_KEYS if getattr(args, k) is not None})
     cfg["device"] = ranks.device
-    # not the run itself, a folder holding it or one inside it: --overwrite would replace the run's files
-    dest = eval_output_dir(args.output_dir, load, "--output_dir {folder} holds the run that --load reads, or lies "
-                                                  "inside it; leave --output_dir out to write {default}")
-    with staged(dest, args.overwrite, ranks) as stage:
-        model_dir, model_config = main_first(ranks, lambda: fetch_model(cfg["model"]))
-        fit_max_length(cfg, model_config)
-        data = tokenize(main_first(ranks, lambda: load_data(cfg, train=False)), model_dir, model_config, cfg, ranks)
-        model, _ = build_model(cfg, model_dir, load=load)
-        dev = evaluate_all(model, data["dev"], cfg, data["pad_id"], ranks)
-        counts = {name: len(e) for name, (e, _) in data["dev"].items()}
-        if ranks.main:
-            write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
-                                                "world_size": ranks.world,
-                                                "data": {"folder": data["folder"], "dev_examples": counts,
-                                                         "glue_dev_counts": data["glue_dev_counts"]}})
-    print(f"{cfg['task']} {load}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()) + " on "
-          + ", ".join(f"{n} {name}" for name, n in counts.items()) + f" examples; saved to {dest}")
-    return dev
+    return cfg
+
+
+def dev_data(cfg, model_dir, model_config, ranks):
+    fit_max_length(cfg, model_config)
+    return tokenize(main_first(ranks, lambda: load_data(cfg, train=False)), model_dir, model_config, cfg, ranks)
+
+
+def write_eval(stage, load, cfg, dev, data, ranks):
+    """stage/results.json of one scored run; returns its line for the terminal."""
+    counts = {name: len(e) for name, (e, _) in data["dev"].items()}
+    if ranks.main:
+        write_json(stage / "results.json", {"kind": "eval", "load": str(load), "config": cfg, "dev": dev,
+                                            "world_size": ranks.world,
+                                            "data": {"folder": data["folder"], "dev_examples": counts,
+                                                     "glue_dev_counts": data["glue_dev_counts"]}})
+    return (f"{cfg['task']} {load}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()) + " on "
+            + ", ".join(f"{n} {name}" for name, n in counts.items()) + " examples")
+
+
+# --eval_only --load A,B,...: Uni-LoRA runs on one base and P scored in one process, their dev sets in one stream.
+
+def evaluate_together(args, dirs, ranks):
+    """Every run's dev examples in one shuffled stream (then ordered by length), each batch mixing runs row by row (taskbank.TaskBank: the
+    base once, each row through its own run's theta_d and head); each run's metrics and DIR/eval-N/ as its own
+    --eval_only --load DIR writes them. Returns their dev metrics, in --load order."""
+    cfgs = [saved_config(args, d, ranks) for d in dirs]
+    check_together(dirs, cfgs)
+    dests = [new_eval_dir(d) for d in dirs]
+    with contextlib.ExitStack() as stack:
+        stages = [stack.enter_context(staged(dest, False, ranks)) for dest in dests]
+        model_dir, model_config = main_first(ranks, lambda: fetch_model(cfgs[0]["model"]))
+        datas = [dev_data(cfg, model_dir, model_config, ranks) for cfg in cfgs]
+        model, adapter = build_model(cfgs[0], model_dir, load=dirs[0])  # the first run: its P, as its own eval
+        bank = TaskBank(model, adapter)
+        try:
+            for k, d in enumerate(dirs):
+                bank.add(str(k), str(d / "adapter.pt"))
+        except ValueError as e:
+            raise UserError(f"--load: {' '.join(str(e).split())}") from None
+        t0 = time.time()
+        outs = mixed_outputs(model, bank, datas, cfgs, ranks)
+        seconds, devs, lines = time.time() - t0, [], []
+        for k, (d, cfg, data, stage) in enumerate(zip(dirs, cfgs, datas, stages)):
+            devs.append({})
+            for name, (encoded, labels) in data["dev"].items():
+                index = by_length(encoded)  # the single run's order: the same sums
+                scores = score(cfg["task"], [outs[k, name, j] for j in index], [labels[j] for j in index])
+                devs[-1].update({m + split_suffix(cfg["task"], name): v for m, v in scores.items()})
+            lines.append(write_eval(stage, d, cfg, devs[-1], data, ranks))
+    for line, dest in zip(lines, dests):
+        print(f"{line}; saved to {dest}")
+    print(f"{len(outs)} dev examples of {len(dirs)} runs in mixed batches: {seconds:.2f} s, "
+          f"{len(outs) / max(seconds, 1e-9):,.0f} examples/s")
+    return devs
+
+
+def check_together(dirs, cfgs):
+    """Runs scored together are Uni-LoRA runs of one model, layers, r, d and P, and one precision."""
+    for d, cfg in zip(dirs, cfgs):
+        if cfg["method"] != "unilora":
+            raise UserError(f"--load {d} is a --method {cfg['method']} run: only Uni-LoRA runs are scored together")
+        if [x.resolve() for x in dirs].count(d.resolve()) > 1:
+            raise UserError(f"--load names {d} twice")
+        for key in TOGETHER_KEYS:
+            a, b = ((c[key] or "balanced") if key == "projection" else c[key] for c in (cfgs[0], cfg))
+            if a != b:
+                raise UserError(f"--load {dirs[0]} and {d} differ in {key} ({a} vs {b}): runs scored together "
+                                f"share one base and P; score them one by one")
+
+
+@torch.no_grad()
+def mixed_outputs(model, bank, datas, cfgs, ranks):
+    """{(run, dev file, example): its output row, as wide as its head} over one stream of all runs' dev examples,
+    shuffled with seed 0 then ordered by length (runs stay mixed among equal lengths), in batches of the smallest
+    eval_batch_size; row i through run tasks[i]'s adapter and head."""
+    stream = [(k, name, j) for k, data in enumerate(datas) for name, (encoded, _) in data["dev"].items()
+              for j in range(len(encoded))]
+    random.Random(0).shuffle(stream)
+    stream.sort(key=lambda s: len(datas[s[0]]["dev"][s[1]][0][s[2]][0]))  # by length, as one run's: little padding
+    encoded = [datas[k]["dev"][name][0][j] for k, name, j in stream]
+    widths = [1 if TASKS[c["task"]]["labels"] is None else len(TASKS[c["task"]]["labels"]) for c in cfgs]
+    size, share, rows = min(c["eval_batch_size"] for c in cfgs), my_share(list(range(len(stream))), ranks), []
+    model.eval()
+    for b, (ids, mask, types, _) in enumerate(batches((encoded, [0] * len(stream)), share, size,
+                                                      datas[0]["pad_id"], False, cfgs[0]["device"])):
+        tasks = [stream[i][0] for i in share[b * size:(b + 1) * size]]
+        with bank.rows([str(k) for k in tasks]), mixed_precision(cfgs[0]):
+            out = model(ids, mask, types).float().cpu()
+        rows += [row[:widths[k]].tolist() for row, k in zip(out, tasks)]  # columns past a row's head: NaN
+    return dict(zip(stream, gather_shares(rows, ranks)))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def train_and_evaluate(run):
     if "mt_bench" in after:
         print(f"MT-Bench: {after['mt_bench']['questions']} questions answered in {after['mt_bench']['file']}; "
               f"judge them with FastChat (docs/instruct.md)")
-    print(f"wrote {run.folder / 'results.json'}")
+    print(f"wrote {run.final('results.json')}")
     return results
 
 

@@ -11,6 +11,7 @@ outside autocast), the test problems are decoded greedily and the answer after "
     python train_math.py --method lora            # plain-LoRA baseline through the same pipeline
     python train_math.py --method none            # the base model, no training
     python train_math.py --eval_only --load out/math-unilora   # evaluate a saved run again (into eval-N/)
+    python train_math.py --eval_only --load out/a,out/b        # several runs on one base, in mixed batches
     python train_math.py --score preds.jsonl --eval_data math  # grade generations made elsewhere, no model
     torchrun --nproc_per_node 8 -- train_math.py --recipe paper  # data parallel: 8 copies share each batch
 
@@ -28,13 +29,18 @@ and data, scoring and decoding from recipes/). Outputs in --output_dir: run.json
 (--resume), adapter.pt, results.json, predictions.jsonl.
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import pickle
+import random
 import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,13 +51,15 @@ from recipes.causal_lm import (SavedRun, Script, adapt_and_train, add_machine_fl
                                add_run_flags, add_training_flags, check_run_flags, check_signs, complete,
                                count_or_all, load_base, read_run_checkpoint, run_folder, set_up, settle_eval_only)
 from recipes.checkpoint import resume_hint
-from recipes.generation import answer_loglik, cut_at_stop, generate
+from recipes.generation import answer_loglik, answer_logliks, cut_at_stop, generate
 from recipes.math_data import (PROTOCOLS, Formatter, load_eval_items, load_predictions, load_train_examples,
                                 protocol_record)
 from recipes.math_scoring import ANSWER_MARK, score_all, summary_lines
 from recipes.training import (Parser, Ranks, UserError, choice, data_parallel_until_done, errors_as_exit,
-                              gather_shares, interrupt_on_sigterm, main_first, my_share, positive_int,
-                              printing_on_main_copy, real, staged, text, unused_flag, whole)
+                              gather_shares, interrupt_on_sigterm, load_dirs, main_first, my_share, new_eval_dir,
+                              positive_int, printing_on_main_copy, read_saved_run, real, staged, text, unused_flag,
+                              whole)
+from taskbank import load_tasks
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipes.  Every flag left unset on the command line takes its value from the chosen recipe, so the paper's
@@ -114,7 +122,10 @@ def main(argv=None):
         args = parse_args(argv)  # every copy checks the flags alike, so a user error stops them all
         if args.score:
             return score_predictions(args)
-        run = set_up(args, sys.argv[1:] if argv is None else list(argv), SCRIPT)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if args.eval_only and len(load_dirs(args.load)) > 1:
+            return evaluate_together(args, argv)
+        run = set_up(args, argv, SCRIPT)
         with data_parallel_until_done(run.ranks), run_folder(run) as run.folder, resume_hint(run):
             return train_and_evaluate(run)
 
@@ -129,25 +140,33 @@ def train_and_evaluate(run):
     train = main_first(ranks, load_train_examples, args, fmt, ranks) if args.train else None
     ckpt = read_run_checkpoint(run, train)
     task, eval_items = main_first(ranks, load_eval_items, args, fmt) if not args.no_eval else (None, [])
-    results = dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
-                   projection=args.projection, template=args.template,
-                   protocol=protocol_record(args.protocol, args.max_new_tokens),
-                   precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load, world_size=ranks.world,
-                   args={k: v for k, v in vars(args).items() if k not in ("hf_token", "pad_id")})
+    results = new_results(args, ranks)
     # the base model's score, the adapter and its training (recipes/causal_lm.py: AdamW, warmup + cosine,
     # checkpoints, exact resume; a resumed run kept "before" in its checkpoint)
     before, adapter, ends_here = adapt_and_train(run, model, train, ckpt, eval_items, results)
     if ends_here:  # stopped by --stop_after, or --no_eval
         return results
     # evaluation, results
+    return write_results(run, results, before, evaluate(run, model, adapter, fmt, eval_items, task))
+
+
+def new_results(args, ranks):
+    """What results.json says of a run before its numbers: its settings and how it is evaluated."""
+    return dict(status="running", method=args.method, model=args.model, recipe=args.recipe,
+                projection=args.projection, template=args.template,
+                protocol=protocol_record(args.protocol, args.max_new_tokens),
+                precision=dict(dtype=args.dtype, amp=args.amp), evaluated_run=args.load, world_size=ranks.world,
+                args={k: v for k, v in vars(args).items() if k not in ("hf_token", "pad_id")})
+
+
+def write_results(run, results, before, after):
     results["before"] = before
-    results["after"] = evaluate(run, model, adapter, fmt, eval_items, task)
-    results.update(status="finished", eval_data=str(args.eval_data))
+    results["after"] = after
+    results.update(status="finished", eval_data=str(run.args.eval_data))
     run.save("results.json", results)
-    after = results["after"]
     print("\n".join(summary_lines(after)))
     print(f"official accuracy {100 * after['accuracy']:.2f}%; {after['no_answer_mark']} without "
-          f"'{ANSWER_MARK.strip()}'; wrote {run.folder / 'results.json'}")
+          f"'{ANSWER_MARK.strip()}'; wrote {run.final('results.json')}")
     return results
 
 
@@ -224,6 +243,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.score:
         return check_score_flags(p, args)
+    if args.eval_only and args.load and len(load_dirs(args.load)) > 1:
+        return check_together_flags(p, args)
     if args.adapter:
         args.load = args.load or str(Path(args.adapter).parent)
     settle_eval_only(p, args, EVAL_ONLY_KEYS, SAVED)  # --eval_only: the saved run's settings
@@ -308,14 +329,136 @@ def evaluate(run, model, adapter, fmt, items, task):
     outputs = [None] * len(items)
     for j, row_why in zip(order, gather_shares(done, ranks), strict=True):
         outputs[j] = row_why
-    seconds = time.time() - t0
+    return out | scored(run, fmt, items, task, outputs, time.time() - t0)
+
+
+def scored(run, fmt, items, task, outputs, seconds):
+    """Both readings of every problem's completion (outputs: its new token ids, why it ended), predictions.jsonl
+    written; returns the numbers."""
+    stop = PROTOCOLS[run.args.protocol]["stop"]
     completions = [cut_at_stop(fmt.tok.decode(new_ids), stop) for new_ids, _ in outputs]
     records, accuracy, groups = score_all(task, items, completions)
-    if ranks.main:
+    if run.ranks.main:
         rows = [json.dumps(dict(r, new_tokens=len(ids), ended_by=why)) for r, (ids, why) in zip(records, outputs)]
         atomic_write(run.folder / "predictions.jsonl", lambda f: f.write(("\n".join(rows) + "\n").encode()))
-    out.update(**accuracy, max_new_tokens=args.max_new_tokens, generate_seconds=round(seconds, 1), **groups)
-    return out
+    return dict(**accuracy, max_new_tokens=run.args.max_new_tokens, generate_seconds=round(seconds, 1), **groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --eval_only --load A,B,...: Uni-LoRA runs of one base and P evaluated in one process, their problems mixed.
+
+# The flags a list takes (each run keeps the rest of its own settings); what its runs must share.
+TOGETHER_FLAGS = ("eval_only", "load", "eval_batch_size", "max_new_tokens", "device", "threads", "hf_token", "data_dir")
+TOGETHER_KEYS = ("model", "d", "r", "seed", "projection", "signs", "dtype", "amp")
+TRAINED = dict(d=whole(null=True), seed=whole(low=0, null=True), signs=choice((True, False), null=True))  # run.json's
+
+
+def check_together_flags(parser, args):
+    if flag := unused_flag(parser, args, TOGETHER_FLAGS):
+        raise UserError(f"{flag} does not apply to --eval_only with several --load folders: each run is evaluated "
+                        f"with its own run.json's settings, into its own DIR/eval-N; drop it")
+    if "" in load_dirs(args.load):
+        raise UserError(f"--load {args.load}: an empty folder name in the list")
+    return args
+
+
+def evaluate_together(args, argv):
+    """Each run's settings as its own --eval_only --load DIR takes them; the base loaded once, every run's theta_d
+    in one bank (taskbank.py); all runs' problems in one stream shuffled with seed 0 (then longest first), every batch in bank.rows (row
+    i through its own run's adapter); each run's predictions.jsonl and results.json in its own DIR/eval-N, as its
+    own --eval_only writes them. Returns their results, in --load order."""
+    given = [x for k in TOGETHER_FLAGS[2:] if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
+    runs = [parse_args(["--eval_only", "--load", d, *given]) for d in load_dirs(args.load)]
+    check_together(runs)
+    run = set_up(runs[0], argv, SCRIPT)  # the device, the precision (resolved once, for all), the copies
+    runs, results = [dataclasses.replace(run, args=a) for a in runs], []
+    with data_parallel_until_done(run.ranks), contextlib.ExitStack() as stack:
+        for r in runs:  # the eval-N folders appear together, once every run is scored; an error leaves none
+            r.args.dtype, r.args.amp = run.args.dtype, run.args.amp
+            r.destination = Path(new_eval_dir(r.args.load)).absolute()
+            r.folder = stack.enter_context(staged(r.destination, False, run.ranks))
+        model_dir, tok, model = main_first(run.ranks, load_base, run.args, run.device)
+        bank, fmts, tests = load_bank(model, runs), [], []  # tests: each run's (task, items)
+        for a in (r.args for r in runs):
+            fmts.append(Formatter(tok, a.template, model_dir, model.config, a.system_prompt, a.protocol))
+            a.pad_id = tok.pad_id if tok.pad_id is not None else fmts[-1].end_id
+            tests.append(main_first(run.ranks, load_eval_items, a, fmts[-1]))
+        stream = [(k, j) for k, (_, items) in enumerate(tests) for j in range(len(items))]
+        random.Random(0).shuffle(stream)  # then longest prompts first, as one run's: little padding, runs mixed
+        stream.sort(key=lambda kj: -len(tests[kj[0]][1][kj[1]]["gen_ids"]))
+        model.eval()
+        logliks = mixed_logliks(runs, model, bank, stream, tests)
+        t0 = time.time()
+        outputs = mixed_outputs(runs, fmts, model, bank, stream, tests)
+        seconds = time.time() - t0  # of all runs' decoding: each run's generate_seconds
+        for r, fmt, (task, items), loglik, out in zip(runs, fmts, tests, logliks, outputs):
+            record = new_results(r.args, run.ranks) | dict(together=[a.args.load for a in runs],
+                                                           params=bank.adapter.counts())
+            after = dict(loglik=loglik) | scored(r, fmt, items, task, out, seconds)
+            results.append(write_results(r, record, None, after))
+    print(f"{len(stream)} problems of {len(runs)} runs on one {run.args.model}, in mixed batches: decoded in "
+          f"{seconds:.1f} s")
+    return results
+
+
+def check_together(runs):
+    """Uni-LoRA runs, each once, of one model, d, r, seed, projection and signs (one base and P), one precision."""
+    def shared(a):
+        saved = read_saved_run(a.load, TRAINED, NOT_A_RUN, older="args")
+        return {k: saved.get(k) if k in TRAINED else getattr(a, k) for k in TOGETHER_KEYS}
+    first, folders = shared(runs[0]), [Path(a.load).resolve() for a in runs]
+    for a, folder in zip(runs, folders):
+        if a.method != "unilora":
+            raise UserError(f"--load {a.load} is a --method {a.method} run: only Uni-LoRA runs are evaluated together")
+        if folders.count(folder) > 1:
+            raise UserError(f"--load names {a.load} twice")
+        for key, value in shared(a).items():
+            if value != first[key]:
+                raise UserError(f"--load {runs[0].load} and {a.load} differ in {key} ({first[key]} vs {value}): runs "
+                                f"evaluated together share one base, P and precision; evaluate them one by one")
+
+
+def load_bank(model, runs):
+    """Every run's adapter.pt in one bank on the model (outside bank.rows, the model is the first run's adapter)."""
+    files = {str(k): str(Path(r.args.load) / "adapter.pt") for k, r in enumerate(runs)}
+    try:
+        return load_tasks(model, files, projection=PROJECTIONS[runs[0].args.projection])
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # a file the bank refuses
+        raise UserError(f"--load: {' '.join(str(e).split())}") from None
+
+
+def mixed_logliks(runs, model, bank, stream, tests):
+    """Each run's mean answer log-likelihood (answer_loglik), its problems scored among the other runs'."""
+    run = runs[0]
+    got = mixed_batches(runs, bank, stream, "micro_batch_size", "loglik", lambda part, _: answer_logliks(
+        model, [tests[k][1][j] for k, j in part], run.args.pad_id, run.autocast, run.device))  # right pads: unseen
+    return [float(np.mean([got[k, j] for j in range(len(items))])) for k, (_, items) in enumerate(tests)]
+
+
+def mixed_outputs(runs, fmts, model, bank, stream, tests):
+    """Each run's (new token ids, why it ended) for every problem, decoded greedily among the other runs'; a row
+    decodes by its own run's rules (pad and end token, budget, stop strings): rows of other rules apart."""
+    run = runs[0]
+    rules = [(r.args.pad_id, f.end_id, r.args.max_new_tokens, PROTOCOLS[r.args.protocol]["stop"])
+             for r, f in zip(runs, fmts)]
+    got = mixed_batches(runs, bank, stream, "eval_batch_size", "generate", lambda part, rule: zip(*generate(
+        model, [tests[k][1][j]["gen_ids"] for k, j in part], *rule, fmts[0].tok.decode, run.device, run.autocast)),
+        rules.__getitem__)
+    return [[got[k, j] for j in range(len(items))] for k, (_, items) in enumerate(tests)]
+
+
+def mixed_batches(runs, bank, stream, size, desc, step, rule=lambda k: None):
+    """{(run, problem): its result}: this copy's share of the stream in batches of the runs' smallest `size`
+    setting, the rows of one rule(run) together, each through step(rows, rule) inside bank.rows (row i: its own
+    run's adapter)."""
+    size, ranks, done = min(getattr(r.args, size) for r in runs), runs[0].ranks, []
+    mine = my_share(stream, ranks)
+    for i in tqdm(range(0, len(mine), size), desc=desc, dynamic_ncols=True, disable=not ranks.main):
+        for same in dict.fromkeys(rule(k) for k, _ in mine[i:i + size]):
+            part = [(k, j) for k, j in mine[i:i + size] if rule(k) == same]
+            with bank.rows([str(k) for k, _ in part]):
+                done += zip(part, step(part, same))
+    return dict(gather_shares(done, ranks))
 
 
 if __name__ == "__main__":

@@ -285,13 +285,13 @@ class Adapter:
         for name, layer in self.layers():
             if isinstance(layer.base, nn.Linear):
                 layer.base.weight.copy_(layer.weight)
-                _replace(self.root, name, layer.base)
+                replace_module(self.root, name, layer.base)
             else:  # a quantized base: into a plain nn.Linear in its compute dtype, never back into its codes
                 W = layer.weight
                 plain = nn.Linear(layer.in_features, layer.out_features, False, W.device, W.dtype).requires_grad_(False)
                 plain.weight.copy_(W)
                 plain.bias = layer.base.bias  # already frozen, in the compute dtype
-                _replace(self.root, name, plain)
+                replace_module(self.root, name, plain)
         self.merged = True  # even if another adapter is applied at the same names later
         return self.root
 
@@ -407,7 +407,7 @@ def load_unilora(model: nn.Module, path: str, projection: Callable | None = None
                          f"load_unilora(model, path, projection=...).")
     _check_file_fits(path, config, model)
     names = {layer[0] for layer in config["layers"]}
-    with _all_or_nothing(model):
+    with all_or_nothing(model):
         try:
             adapter = apply_unilora(model, config["d"], r=config["r"], targets=lambda n, m: n in names,
                                     seed=config["seed"], signs=config["signs"], init_bound=config["init_bound"],
@@ -525,22 +525,22 @@ def resolve_keep(model: nn.Module, keep_trainable: Sequence[str]) -> list[str]:
 
 def swap_layers(model: nn.Module, names: list[str], keep: list[str], make: Callable) -> None:
     """Freeze all but the `keep` modules, then replace layer i of `names` by make(i, layer); all or nothing."""
-    with _all_or_nothing(model):
+    with all_or_nothing(model):
         for p in model.parameters():
             p.requires_grad_(False)
         for name in keep:
             model.get_submodule(name).requires_grad_(True)
         for i, name in enumerate(names):
-            _replace(model, name, make(i, model.get_submodule(name)))
+            replace_module(model, name, make(i, model.get_submodule(name)))
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @contextlib.contextmanager
-def _all_or_nothing(model: nn.Module):
+def all_or_nothing(model: nn.Module):
     """On any error inside, put back the modules (replaced, never modified) and requires_grad flags the model had."""
     modules = list(model.named_modules())[1:]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -549,7 +549,7 @@ def _all_or_nothing(model: nn.Module):
     except BaseException:
         for name, module in modules:  # parents first, so each name resolves in the restored tree
             if model.get_submodule(name) is not module:
-                _replace(model, name, module)
+                replace_module(model, name, module)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise

@@ -218,6 +218,11 @@ class Run:
     script: Script
     folder: Path | None = None  # where it writes: FOLDER.partial until the run takes FOLDER's place
     saved: int | None = None  # the step of the run's checkpoint in FOLDER, once there is one
+    destination: Path | None = None  # FOLDER: where the run's files are once it ends
+
+    def final(self, name) -> Path:
+        """Where the file `name` of the run folder is once the run ends (self.folder may be FOLDER.partial)."""
+        return (self.destination or self.folder) / name
 
     def save(self, name, content):
         """A JSON file in the run folder, written by the main copy."""
@@ -255,6 +260,7 @@ def run_folder(run):
                                  "(results go to {default})")
     else:
         folder = Path(args.output_dir or f"out/{run.script.folder}-{args.method}")
+    run.destination = Path(folder).absolute()
     check = functools.partial(check_run_dir, folder, args.resume, args.overwrite)  # under the folder's lock
     if args.resume:
         with held(folder, run.ranks, check) as folder:

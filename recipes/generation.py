@@ -26,23 +26,27 @@ def answer_loglik(model, items, pad_id, batch_size, autocast, ranks):
     """Teacher-forced log p(reference solution | training prompt), averaged over the solution's tokens for each
     problem (EOS excluded), then over problems.  It moves smoothly where a small model's accuracy sits near 0.
     Each copy scores its share of the problems, on its device."""
-    device = ranks.device
     model.eval()
     items, scores = my_share(items, ranks), []
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        seqs = [it["prompt_ids"] + it["answer_ids"] for it in chunk]
-        ids, mask = pad(seqs, pad_id).to(device), pad([[1] * len(s) for s in seqs], 0).to(device)
-        lab = pad([[-100] * len(it["prompt_ids"]) + it["answer_ids"] for it in chunk], -100).to(device)
-        with autocast():
-            logits = model(ids, attention_mask=mask)
-        target = lab[:, 1:]
-        keep = target != -100
-        sel = at_least_fp32(logits[:, :-1][keep])  # the answer positions only
-        lp = torch.zeros(target.shape, device=device, dtype=sel.dtype)
-        lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
-        scores += (lp.sum(1) / keep.sum(1)).tolist()
+        scores += answer_logliks(model, items[i:i + batch_size], pad_id, autocast, ranks.device)
     return float(np.mean(gather_shares(scores, ranks)))
+
+
+@torch.no_grad()
+def answer_logliks(model, chunk, pad_id, autocast, device):
+    """answer_loglik of each problem of one batch (right-padded), as a list."""
+    seqs = [it["prompt_ids"] + it["answer_ids"] for it in chunk]
+    ids, mask = pad(seqs, pad_id).to(device), pad([[1] * len(s) for s in seqs], 0).to(device)
+    lab = pad([[-100] * len(it["prompt_ids"]) + it["answer_ids"] for it in chunk], -100).to(device)
+    with autocast():
+        logits = model(ids, attention_mask=mask)
+    target = lab[:, 1:]
+    keep = target != -100
+    sel = at_least_fp32(logits[:, :-1][keep])  # the answer positions only
+    lp = torch.zeros(target.shape, device=device, dtype=sel.dtype)
+    lp[keep] = sel.gather(1, target[keep][:, None])[:, 0] - torch.logsumexp(sel, dim=-1)
+    return (lp.sum(1) / keep.sum(1)).tolist()
 
 
 def cut_at_stop(text, stop):

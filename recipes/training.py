@@ -187,6 +187,11 @@ def prepare_output_dir(folder, *, overwrite=False, flag="--output_dir") -> Path:
     return folder
 
 
+def load_dirs(text):
+    """--load: one run folder, or several comma-separated (a folder whose own name holds a comma: given alone)."""
+    return [text] if "," not in text or Path(text).is_dir() else text.split(",")
+
+
 def new_eval_dir(run_dir) -> Path:
     """A fresh folder beside the run's own files for an evaluation of a saved run: eval-1, eval-2, ..."""
     run_dir = Path(run_dir)

@@ -475,6 +475,81 @@ def test_eval_only_rebuilds_the_saved_run_and_writes_eval_n(assets, tmp_path, ca
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["dev"] == dev
 
 
+def together_runs(assets, tmp_path):
+    """Four tiny Uni-LoRA runs on one base and P (d 256, seed 1): SST-2 twice (other data, other lr), STS-B (a
+    one-column head, its own max length) and MNLI (three labels: wider than the first run's head, two dev files)."""
+    other = write_task(tmp_path / "other-glue", "sst2", seed=5)
+    _, a = run(assets, tmp_path, "--max_steps", "3", name="a")
+    _, b = run(assets, tmp_path, "--max_steps", "3", "--lr", "2e-2", name="b", data_dir=["--data_dir", str(other)])
+    _, c = run(assets, tmp_path, "--max_steps", "3", "--max_length", "24", task="stsb", name="c")
+    _, m = run(assets, tmp_path, "--max_steps", "3", "--max_eval_samples", "10", task="mnli", name="m")
+    return [a, b, c, m]
+
+
+def test_eval_only_scores_several_runs_together_as_each_alone(assets, tmp_path, capsys, monkeypatch):
+    dirs = together_runs(assets, tmp_path)
+    batches = []
+    rows = tg.TaskBank.rows
+    monkeypatch.setattr(tg.TaskBank, "rows", lambda bank, tasks: batches.append(list(tasks)) or rows(bank, tasks))
+    capsys.readouterr()
+    together = tg.main(["--eval_only", "--load", ",".join(map(str, dirs)), "--eval_batch_size", "16"])
+    printed = capsys.readouterr().out.splitlines()[-5:]  # after each dev set's "note: ... not GLUE's dev set"
+    assert len(batches) == math.ceil((24 + 24 + 24 + 2 * 10) / 16)
+    assert sum(len(set(b)) > 1 for b in batches) >= len(batches) - 1  # shuffled: the tasks mix in the batches
+    assert sorted(t for b in batches for t in b) == sorted(["0"] * 24 + ["1"] * 24 + ["2"] * 24 + ["3"] * 20)
+    assert printed[-1].startswith("92 dev examples of 4 runs in mixed batches: ")
+    monkeypatch.undo()
+    for k, (folder, dev) in enumerate(zip(dirs, together)):
+        mixed = json.loads((folder / "eval-1" / "results.json").read_text())
+        assert printed[k] == f"{mixed['config']['task']} {folder}: " + ", ".join(
+            f"{m} {v:.4f}" for m, v in dev.items()) + " on " + ", ".join(
+            f"{n} {name}" for name, n in mixed["data"]["dev_examples"].items()) + f" examples; saved to " \
+            f"{folder / 'eval-1'}"
+        alone = tg.main(["--eval_only", "--load", str(folder), "--eval_batch_size", "16"])
+        assert dev == pytest.approx(alone, rel=1e-6, abs=1e-6) and mixed["dev"] == dev
+        single = json.loads((folder / "eval-2" / "results.json").read_text())
+        assert {**mixed, "dev": None} == {**single, "dev": None}  # the same file, up to float rounding
+        assert tree(folder / "eval-1") == tree(folder / "eval-2") == ["results.json"]
+    assert set(together[2]) == {"pearson", "spearman", "loss"}  # STS-B: its one column, not the NaN beside it
+    assert set(together[3]) == {"accuracy", "accuracy_mismatched", "loss", "loss_mismatched"}
+    assert json.loads((dirs[2] / "eval-1" / "results.json").read_text())["config"]["max_length"] == 24
+
+
+def test_several_runs_are_refused_in_one_line_when_they_cannot_share_a_base(assets, tmp_path, capsys):
+    models, data = assets
+    _, a = run(assets, tmp_path, "--max_steps", "1", name="a")
+    _, b = run(assets, tmp_path, "--max_steps", "1", "--lr", "2e-2", name="b")
+    _, s2 = run(assets, tmp_path, "--max_steps", "1", "--seed", "2", name="seed2")
+    _, lora = run(assets, tmp_path, "--max_steps", "1", "--method", "lora", name="lora")
+    fingerprint = json.loads(torch.load(a / "adapter.pt", weights_only=True)["config"])["fingerprint"]
+    lied = tmp_path / "lied"  # run.json says seed 1, adapter.pt was trained with seed 2: the bank's own check
+    lied.mkdir()
+    for name in ("adapter.pt", "head.safetensors", "run.json"):
+        (lied / name).write_bytes((s2 / name).read_bytes())
+    (lied / "run.json").write_text(json.dumps(json.loads((s2 / "run.json").read_text()) | {"seed": 1}))
+    both = f"{a},{b}"
+    cases = [
+        ([f"{a},{s2}"], f"--load {a} and {s2} differ in seed (1 vs 2): runs scored together share one base and P"),
+        ([f"{a},{lora}"], f"--load {lora} is a --method lora run: only Uni-LoRA runs are scored together"),
+        ([f"{a},{a}"], f"--load names {a} twice"),
+        ([both, "--lr", "1e-3"], "--lr does not apply to --eval_only with several --load folders: each run is scored "
+                                 "with its own run.json's settings, into its own DIR/eval-N"),
+        ([both, "--output_dir", str(tmp_path / "ev")], "--output_dir does not apply to --eval_only with several"),
+        ([both, "--seed", "0"], "--seed does not apply to --eval_only with several"),
+        ([both, "--no-bf16"], "--bf16 does not apply to --eval_only with several"),
+        ([both, "--model", str(models["bert"])], "--model does not apply to --eval_only with several"),
+        ([f"{a},"], f"--load {a},: an empty folder name in the list"),
+        ([f"{a},{lied}"], f"error: --load: {lied / 'adapter.pt'} (fingerprint "),  # last: `message` is its
+    ]
+    before = tree(tmp_path)
+    for argv, expected in cases:
+        message = user_error(capsys, ["--eval_only", "--load", *argv])
+        assert expected in message and len(message.strip().splitlines()[-1]) < 400, (argv, message)
+        assert tree(tmp_path) == before, argv
+    assert message.endswith(f"{a / 'adapter.pt'} (fingerprint {fingerprint}): seed differs (2 vs 1); tasks of one "
+                            f"bank share the base, layers, r, d and P (the same seed)")
+
+
 @pytest.mark.parametrize("method", ["lora", "head"])
 def test_baselines_train_and_reload(assets, tmp_path, method):
     result, out = run(assets, tmp_path, "--method", method, "--epochs", "1", "--max_eval_samples", "10")

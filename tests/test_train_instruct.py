@@ -425,7 +425,10 @@ def test_a_tokenizer_without_pad_gets_the_official_pad_row(data, tmp_path, capsy
     tok = pretrained.Tokenizer.from_pretrained(nopad)
     assert tok.pad_id is None and pretrained.Tokenizer.from_pretrained(data["model"]).pad_id == 2
     res = main(base_args(dict(data, model=str(nopad)), tmp_path / "run", "--max_steps", "1"))
-    assert res["status"] == "finished" and f"[PAD] added as id {tok.vocab_size}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert res["status"] == "finished" and f"[PAD] added as id {tok.vocab_size}" in out
+    wrote = Path(re.search(r"^wrote (.*)$", out, re.M).group(1))
+    assert wrote == (tmp_path / "run" / "results.json").absolute() and wrote.is_file()  # where it is, not .partial
     for tied_head in (True, False):
         model = pretrained.CausalLM.from_pretrained(data["model"], dtype=torch.float64)
         if not tied_head:

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import pretrained
+import taskbank
 import train_math
 import unilora
 from recipes import causal_lm, generation, math_data
@@ -896,3 +897,80 @@ def test_unknown_devices_and_abbreviated_flags_are_refused_in_one_line(tmp_path,
     assert run_as_script(monkeypatch, ["--max_new_token", "5", *out]) == 2  # not silently --max_new_tokens
     assert capsys.readouterr().err == "error: unrecognized arguments: --max_new_token 5 (see --help)\n"
     assert tree(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- several runs on one base (issue 24)
+
+def test_several_runs_are_evaluated_in_mixed_batches_as_each_alone(tiny, tmp_path, monkeypatch):
+    """--eval_only --load A,B,C: one base, every run's adapter in one bank, all problems in one shuffled stream;
+    each run's eval-N/ holds what its own --eval_only --load writes (greedy: the same completions, in fp32 on CPU)."""
+    sums = tmp_path / "sums.jsonl"  # other training data, a larger lr: B's adapter decodes other tokens than A's
+    sums.write_text("".join(json.dumps(problem(a, b)) + "\n" for a in range(20, 30) for b in range(3, 5)))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    main(base_args(tiny, a, "--max_steps", "2", "--no_eval"))  # 4 problems, batches of 3, 6 new tokens
+    main(base_args(tiny, b, "--max_steps", "4", "--lr", "0.5", "--train_data", str(sums), "--no_eval",
+                   "--max_eval_samples", "6", "--eval_batch_size", "2"))
+    main(base_args(tiny, c, "--max_steps", "1", "--no_eval", "--max_new_tokens", "4"))  # another budget
+    calls = {"rows": [], "generate": []}
+    real_rows, real_generate = taskbank.TaskBank.rows, train_math.generate
+
+    def rows(self, tasks):
+        calls["rows"].append(list(tasks))
+        return real_rows(self, tasks)
+
+    def generate(model, prompts, *args):
+        """The real one, spied; each row gets one more token, the sum of its prompt: completions of its own (the
+        tiny model's greedy text is the same for every problem), to see each land on its own problem."""
+        calls["generate"].append(calls["rows"][-1] if calls["rows"] else None)  # the tasks of the batch decoded
+        new, why = real_generate(model, prompts, *args)
+        return [ids + [3 + ord("0") + sum(p) % 40] for ids, p in zip(new, prompts)], why  # a byte: 0 to W
+    monkeypatch.setattr(taskbank.TaskBank, "rows", rows)
+    monkeypatch.setattr(train_math, "generate", generate)
+    together = main(["--eval_only", "--load", f"{a},{b},{c}", "--threads", "1"])
+    assert [r["after"]["n"] for r in together] == [4, 6, 4]
+    assert max(map(len, calls["generate"])) == 2  # batches of the smallest eval_batch_size
+    assert any(set(tasks) == {"0", "1"} for tasks in calls["generate"])  # a batch of two runs' problems
+    assert all(set(tasks) == {"2"} for tasks in calls["generate"] if "2" in tasks)  # C decodes by its own budget
+    texts = {run: [json.loads(x)["completion"] for x in (run / "eval-1" / "predictions.jsonl").read_text().splitlines()]
+             for run in (a, b)}
+    assert [t[:6] for t in texts[a]] != [t[:6] for t in texts[b][:4]]  # the two adapters decode differently
+    for run, mixed in zip((a, b, c), together):
+        alone = main(["--eval_only", "--load", str(run), "--threads", "1"])
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith("eval")) == ["eval-1", "eval-2"]
+        assert (run / "eval-1" / "predictions.jsonl").read_text() == (run / "eval-2" / "predictions.jsonl").read_text()
+        written = strict_json(run / "eval-1" / "results.json")
+        assert written == json.loads(json.dumps(mixed)) and written["together"] == [str(a), str(b), str(c)]
+        loglik = [r["after"].pop("loglik") for r in (written, alone)]
+        assert loglik[0] == pytest.approx(loglik[1], rel=1e-6)  # the lone run merges the adapter: rounding
+        for r in (written, alone):
+            r["after"].pop("merge_max_logit_change", None), r["after"].pop("generate_seconds")
+            r.pop("together", None)
+        assert written == json.loads(json.dumps(alone))  # settings, parameters, every other number
+
+
+
+def test_several_runs_refuse_other_settings_and_flags_in_one_line(tiny, tmp_path, monkeypatch):
+    a, d = tmp_path / "a", tmp_path / "d"
+    main(base_args(tiny, a, "--max_steps", "1", "--no_eval"))
+    main(base_args(tiny, d, "--max_steps", "1", "--no_eval", "--seed", "1"))
+    before = tree(tmp_path)
+    assert run_as_script(monkeypatch, ["--eval_only", "--load", f"{a},{d}"]) == \
+        f"error: --load {a} and {d} differ in seed (0 vs 1): runs evaluated together share one base, P and " \
+        f"precision; evaluate them one by one"
+    assert run_as_script(monkeypatch, ["--eval_only", "--load", f"{a},{d}", "--lr", "0.1"]) == \
+        "error: --lr does not apply to --eval_only with several --load folders: each run is evaluated with its own " \
+        "run.json's settings, into its own DIR/eval-N; drop it"
+    for argv, message in ((["--output_dir", str(tmp_path / "x")], "--output_dir does not apply"),
+                          (["--eval_data", tiny["test"]], "--eval_data does not apply"),
+                          ([], f"--load names {a} twice")):
+        with pytest.raises(UserError, match=message):
+            main(["--eval_only", "--load", f"{a},{d}" if argv else f"{a},{a}", *argv])
+    with pytest.raises(UserError, match="an empty folder name"):
+        main(["--eval_only", "--load", f"{a},"])
+    assert tree(tmp_path) == before  # nothing written
+    (d / "run.json").write_text((a / "run.json").read_text())  # the seed shows in the adapter file only
+    with pytest.raises(UserError) as refused:
+        main(["--eval_only", "--load", f"{a},{d}", "--threads", "1"])
+    assert str(refused.value).startswith(f"--load: {d / 'adapter.pt'} (fingerprint ") and "seed differs" in \
+        str(refused.value) and "\n" not in str(refused.value)
+    assert tree(tmp_path) == before  # the eval-N folders staged for the runs are gone
