@@ -6,6 +6,7 @@ by WordPiece (BERT), byte-level BPE (GPT-2, RoBERTa, Llama-3, Qwen2, SmolLM) and
 Mistral) with the standard library only, and raises a ValueError naming any component or value it does not know
 rather than tokenizing differently."""
 import functools
+import heapq
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -34,12 +35,9 @@ def _category_runs():
     """(first, last, category) runs over all code points: built once, and only if a class is needed."""
     runs, prev, cat = [], None, unicodedata.category
     for cp in range(0x110000):
-        c = cat(chr(cp))
-        if c != prev:
+        if (c := cat(chr(cp))) != prev:
             runs.append([cp, cp, c])
-            prev = c
-        else:
-            runs[-1][1] = cp
+        runs[-1][1], prev = cp, c
     return runs
 
 
@@ -307,10 +305,10 @@ class _BPE(_Model):
         # Lowest rank first, leftmost on ties, skipping stale entries: the order tokenizers uses.
         n, merges = len(ids), self.merges
         nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-        todo = sorted(((merges[p][0], i, merges[p][1]) for i, p in enumerate(zip(ids, ids[1:])) if p in merges),
-                      reverse=True)  # a queue kept in descending order: pop() gives the next merge
+        todo = [(merges[p][0], i, merges[p][1]) for i, p in enumerate(zip(ids, ids[1:])) if p in merges]
+        heapq.heapify(todo)  # a heap: heappop() gives the next merge
         while todo:
-            _, i, new = todo.pop()
+            _, i, new = heapq.heappop(todo)
             j = nxt[i]
             if not alive[i] or j >= n or merges.get((ids[i], ids[j]), (0, None))[1] != new:
                 continue
@@ -319,18 +317,10 @@ class _BPE(_Model):
             if k < n:
                 prv[k] = i
                 if m := merges.get((new, ids[k])):
-                    _insert_descending(todo, (m[0], i, m[1]))
+                    heapq.heappush(todo, (m[0], i, m[1]))
             if prv[i] >= 0 and (m := merges.get((ids[prv[i]], new))):
-                _insert_descending(todo, (m[0], prv[i], m[1]))
+                heapq.heappush(todo, (m[0], prv[i], m[1]))
         return [t for t, a in zip(ids, alive) if a]
-
-
-def _insert_descending(queue: list, item):
-    lo, hi = 0, len(queue)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if queue[mid] > item else (lo, mid)
-    queue.insert(lo, item)
 
 
 # --- pipeline components built from tokenizer.json ----------------------------------------------
