@@ -188,11 +188,22 @@ class TaskBank(nn.Module):
         present, mask = self._mask(x)
         if not present:
             return out
-        pairs = [self._task(t).shared.factors()[layer.index] for t in present]
-        A = torch.cat([a for a, _ in pairs]).to(x.device, x.dtype)
-        B = torch.cat([b for _, b in pairs], dim=1).to(x.device, x.dtype)
+        A, B = self._stacked(layer.index, present, x)
         h = F.linear(layer.dropout(x), A) * mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)
         return out + F.linear(h, B)
+
+    def _stacked(self, index: int, present: list, x: torch.Tensor):
+        """Layer `index`'s A's stacked and B's side by side, in x's dtype; without gradients (generation: one forward
+        per token) made once per block."""
+        made, key = self._plan[2], ("AB", index, x.device, x.dtype)
+        if key in made:
+            return made[key]
+        pairs = [self._task(t).shared.factors()[index] for t in present]
+        AB = (torch.cat([a for a, _ in pairs]).to(x.device, x.dtype),
+              torch.cat([b for _, b in pairs], dim=1).to(x.device, x.dtype))
+        if not torch.is_grad_enabled():
+            made[key] = AB
+        return AB
 
     def _head_forward(self, head, k: int, own_forward, x: torch.Tensor) -> torch.Tensor:
         """Each task's k-th head on its rows (None: the model's own); as wide as the widest, NaN past a row's own."""

@@ -353,17 +353,22 @@ def test_save_fresh_model_load_is_bit_exact(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="whether a pid is alive is asked with POSIX signal 0")
 def test_save_cleans_the_temp_files_of_killed_saves_only(tmp_path):
-    """A save killed before its rename (kill -9) leaves .NAME.tmp-PID; the next save removes those of dead processes,
-    never one a live process may still be writing."""
+    """A save killed before its rename (kill -9) leaves .NAME.HOST.tmp-PID; the next save removes those of dead
+    processes of this machine, never one a live process may still be writing, nor another machine's (a shared disk:
+    its pids mean nothing here)."""
+    import re
     import subprocess
     import sys
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", os.uname().nodename)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # finished and reaped: its pid names no process now
-    (tmp_path / f".a.pt.tmp-{dead.pid}").write_bytes(b"half a file")
-    (tmp_path / f".a.pt.tmp-{os.getppid()}").write_bytes(b"being written")
-    (tmp_path / ".b.pt.tmp-1").write_bytes(b"another file's")
+    (tmp_path / f".a.pt.{host}.tmp-{dead.pid}").write_bytes(b"half a file")
+    (tmp_path / f".a.pt.{host}.tmp-{os.getppid()}").write_bytes(b"being written")
+    (tmp_path / f".a.pt.other-machine.tmp-{dead.pid}").write_bytes(b"another machine's")
+    (tmp_path / f".b.pt.{host}.tmp-1").write_bytes(b"another file's")
     apply_unilora(Tiny(), 40).save(str(tmp_path / "a.pt"))
-    assert sorted(os.listdir(tmp_path)) == sorted(["a.pt", f".a.pt.tmp-{os.getppid()}", ".b.pt.tmp-1"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.pt", f".a.pt.{host}.tmp-{os.getppid()}",
+                                                   f".a.pt.other-machine.tmp-{dead.pid}", f".b.pt.{host}.tmp-1"])
 
 
 def test_adapter_file_for_d_23040_is_one_vector(tmp_path):

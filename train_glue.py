@@ -96,7 +96,7 @@ from recipes.training import (MAX_SEED, Parser, Ranks, UserError, autocast, chec
                               gather_shares, interrupt_on_sigterm, load_dirs, main_first, my_share, new_eval_dir,
                               nonnegative_float, optimizer_step, positive_float, positive_int, printing_on_main_copy,
                               read_saved_run, real, seed_number, staged, start_data_parallel, text, thread_count,
-                              warmup_then_decay, whole)
+                              unused_flag, warmup_then_decay, whole)
 from taskbank import TaskBank
 
 # -----------------------------------------------------------------------------
@@ -219,10 +219,9 @@ def parse_args(argv):
     if args.eval_only != bool(args.load):
         p.error("--eval_only and --load DIR go together: DIR is the run folder to score")
     if args.eval_only and len(load_dirs(args.load)) > 1:
-        extra = {k for k, v in vars(args).items() if v is not None and v is not p.get_default(k)} - set(TOGETHER_FLAGS)
-        if extra:
-            p.error(f"--{sorted(extra)[0]} does not apply to --eval_only with several --load folders: each run is "
-                    f"scored with its own run.json's settings, into its own DIR/eval-N")
+        if flag := unused_flag(p, args, TOGETHER_FLAGS):
+            p.error(f"{flag} does not apply to --eval_only with several --load folders: each run is scored with its "
+                    f"own run.json's settings, into its own DIR/eval-N")
         if "" in load_dirs(args.load):
             p.error(f"--load {args.load}: an empty folder name in the list")
     elif args.eval_only:
@@ -642,9 +641,9 @@ def write_eval(stage, load, cfg, dev, data, ranks):
 # --eval_only --load A,B,...: Uni-LoRA runs on one base and P scored in one process, their dev sets in one stream.
 
 def evaluate_together(args, dirs, ranks):
-    """Every run's dev examples in one shuffled stream (then ordered by length), each batch mixing runs row by row (taskbank.TaskBank: the
-    base once, each row through its own run's theta_d and head); each run's metrics and DIR/eval-N/ as its own
-    --eval_only --load DIR writes them. Returns their dev metrics, in --load order."""
+    """Every run's dev examples in one shuffled stream (then ordered by length), each batch mixing runs row by row
+    (taskbank.TaskBank: the base once, each row through its own run's theta_d and head); each run's metrics and
+    DIR/eval-N/ as its own --eval_only --load DIR writes them. Returns their dev metrics, in --load order."""
     cfgs = [saved_config(args, d, ranks) for d in dirs]
     check_together(dirs, cfgs)
     dests = [new_eval_dir(d) for d in dirs]
@@ -657,7 +656,7 @@ def evaluate_together(args, dirs, ranks):
         try:
             for k, d in enumerate(dirs):
                 bank.add(str(k), str(d / "adapter.pt"))
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # a file the bank refuses, or one that is missing
             raise UserError(f"--load: {' '.join(str(e).split())}") from None
         t0 = time.time()
         outs = mixed_outputs(model, bank, datas, cfgs, ranks)

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import random
 import re
 import sys
@@ -56,7 +55,7 @@ from recipes.math_data import (PROTOCOLS, Formatter, load_eval_items, load_predi
                                 protocol_record)
 from recipes.math_scoring import ANSWER_MARK, score_all, summary_lines
 from recipes.training import (Parser, Ranks, UserError, choice, data_parallel_until_done, errors_as_exit,
-                              gather_shares, interrupt_on_sigterm, load_dirs, main_first, my_share, new_eval_dir,
+                              gather_shares, interrupt_on_sigterm, load_dirs, main_first, my_share,
                               positive_int, printing_on_main_copy, read_saved_run, real, staged, text, unused_flag,
                               whole)
 from taskbank import load_tasks
@@ -363,10 +362,10 @@ def check_together_flags(parser, args):
 
 
 def evaluate_together(args, argv):
-    """Each run's settings as its own --eval_only --load DIR takes them; the base loaded once, every run's theta_d
-    in one bank (taskbank.py); all runs' problems in one stream shuffled with seed 0 (then longest first), every batch in bank.rows (row
-    i through its own run's adapter); each run's predictions.jsonl and results.json in its own DIR/eval-N, as its
-    own --eval_only writes them. Returns their results, in --load order."""
+    """Each run's settings as its own --eval_only --load DIR takes them; the base loaded once, every run's theta_d in
+    one bank (taskbank.py); all runs' problems in one stream shuffled with seed 0 (then longest first), every
+    batch in bank.rows (row i through its own run's adapter); each run's predictions.jsonl and results.json in
+    its own DIR/eval-N, as its own --eval_only writes them. Returns their results, in --load order."""
     given = [x for k in TOGETHER_FLAGS[2:] if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
     runs = [parse_args(["--eval_only", "--load", d, *given]) for d in load_dirs(args.load)]
     check_together(runs)
@@ -375,8 +374,7 @@ def evaluate_together(args, argv):
     with data_parallel_until_done(run.ranks), contextlib.ExitStack() as stack:
         for r in runs:  # the eval-N folders appear together, once every run is scored; an error leaves none
             r.args.dtype, r.args.amp = run.args.dtype, run.args.amp
-            r.destination = Path(new_eval_dir(r.args.load)).absolute()
-            r.folder = stack.enter_context(staged(r.destination, False, run.ranks))
+            r.folder = stack.enter_context(run_folder(r))
         model_dir, tok, model = main_first(run.ranks, load_base, run.args, run.device)
         bank, fmts, tests = load_bank(model, runs), [], []  # tests: each run's (task, items)
         for a in (r.args for r in runs):
@@ -423,7 +421,7 @@ def load_bank(model, runs):
     files = {str(k): str(Path(r.args.load) / "adapter.pt") for k, r in enumerate(runs)}
     try:
         return load_tasks(model, files, projection=PROJECTIONS[runs[0].args.projection])
-    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # a file the bank refuses
+    except (ValueError, OSError, RuntimeError) as e:  # a file the bank refuses (read_adapter_file: ValueError)
         raise UserError(f"--load: {' '.join(str(e).split())}") from None
 
 

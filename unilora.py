@@ -287,9 +287,9 @@ class Adapter:
                 layer.base.weight.copy_(layer.weight)
                 replace_module(self.root, name, layer.base)
             else:  # a quantized base: into a plain nn.Linear in its compute dtype, never back into its codes
-                W = layer.weight
-                plain = nn.Linear(layer.in_features, layer.out_features, False, W.device, W.dtype).requires_grad_(False)
-                plain.weight.copy_(W)
+                with torch.device("meta"):  # no random init of a weight about to be replaced
+                    plain = nn.Linear(layer.in_features, layer.out_features, bias=False)
+                plain.weight = nn.Parameter(layer.weight, requires_grad=False)  # a fresh tensor: no copy
                 plain.bias = layer.base.bias  # already frozen, in the compute dtype
                 replace_module(self.root, name, plain)
         self.merged = True  # even if another adapter is applied at the same names later
@@ -313,11 +313,12 @@ class Adapter:
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         folder, name = os.path.split(os.path.abspath(path))
-        for old in os.listdir(folder):  # temp files of saves killed before their rename (kill -9, power loss)
-            pid = old[len(f".{name}.tmp-"):] if old.startswith(f".{name}.tmp-") else ""
+        prefix = f".{name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', os.uname().nodename if os.name == 'posix' else '')}.tmp-"
+        for old in os.listdir(folder):  # temp files of saves killed before their rename (kill -9, power loss) on
+            pid = old[len(prefix):] if old.startswith(prefix) else ""  # this machine: another's pids mean nothing
             if pid.isdigit() and os.name == "posix" and not _alive(int(pid)):
                 os.unlink(os.path.join(folder, old))
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")  # one writer per process: never shared
+        tmp = os.path.join(folder, f"{prefix}{os.getpid()}")  # one writer per process: never shared
         try:
             with open(tmp, "wb") as f:
                 torch.save(payload, f)

@@ -392,7 +392,7 @@ def train_adapter(run, model, adapter, train, ckpt, before):
           f"(micro {args.micro_batch_size}), lr {args.lr}, warmup {warmup_steps}"
           + (f"; stopping after step {end_step}" if end_step < total_steps else ""))
     model.train()
-    model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    model.gradient_checkpointing = args.gradient_checkpointing
     t0 = time.time()
     with tqdm(range(step, end_step), initial=step, total=total_steps, desc=f"train {args.method}",
               dynamic_ncols=True, disable=not ranks.main) as bar:  # closed on errors too: messages on a clean line

@@ -77,7 +77,8 @@ def next_tokens(logits, sampling, generators):
         logits = logits.masked_fill(logits < kth, -torch.inf)
     if sampling.top_p < 1:  # the smallest set of likeliest tokens whose probabilities reach top_p
         ranked, order = logits.sort(dim=-1, descending=True)
-        before = ranked.softmax(-1).cumsum(-1) - ranked.softmax(-1)  # the mass of the tokens ranked above
+        p = ranked.softmax(-1)
+        before = p.cumsum(-1) - p  # the mass of the tokens ranked above
         logits = logits.scatter(-1, order, ranked.masked_fill(before >= sampling.top_p, -torch.inf))
     probs = logits.softmax(-1)
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
